@@ -1,1 +1,73 @@
+//! polarstack-daemon: a per-node observer for Kubernetes hosts that run
+//! PolarDB Stack databases on the host network.
+//!
+//! Layout, sources -> state -> sinks:
+//! - [`ports`]: which local ports are taken. eBPF events (the programs are in
+//!   `daemon-ebpf/`) and sock_diag dumps feed one owner task and its map.
+//! - [`http`]: the HTTP sink (health, readiness, metrics, the native API).
+//! - [`config`]: flags, including the original daemon's; [`telemetry`]: logs
+//!   and the metrics text writer; [`time`]: timestamp layouts.
+//!
+//! [`run`] wires them: it starts every source, then the sinks, and stops
+//! everything on SIGTERM or SIGINT.
+pub mod config;
+pub mod http;
+pub mod ports;
+pub mod telemetry;
+pub mod time;
 
+use std::{net::SocketAddr, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Ports(#[from] ports::StartError),
+    #[error("serving HTTP on {addr}: {source}")]
+    Http { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Runs the daemon until SIGTERM/SIGINT, then stops within about a second.
+pub async fn run(flags: config::Flags) -> Result<(), RunError> {
+    for flag in flags.ignored_legacy_flags() {
+        tracing::warn!(flag, "accepted for compatibility with the original daemon; it has no effect");
+    }
+    if flags.kubeconfig.is_none() && std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
+        tracing::info!("no cluster configured: running standalone (every source, HTTP API, no Kubernetes)");
+    } else {
+        tracing::warn!("Kubernetes publishing is not built yet: running standalone");
+    }
+    let shutdown = CancellationToken::new();
+    let ports = ports::start(flags.ports_config(), shutdown.clone())?;
+    let addr = SocketAddr::new(flags.listen_address, flags.port);
+    let state = http::AppState { ports, shutdown: shutdown.clone() };
+    let mut server = tokio::spawn(http::serve(addr, state));
+    let outcome = tokio::select! {
+        res = &mut server => match res {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(RunError::Http { addr, source }),
+            Err(join) => Err(RunError::Http { addr, source: std::io::Error::other(join) }),
+        },
+        sig = shutdown_signal() => {
+            tracing::info!(signal = sig, "shutting down");
+            Ok(())
+        }
+    };
+    shutdown.cancel();
+    // Give the server and tasks a moment to finish; never the whole grace period.
+    let _ = tokio::time::timeout(Duration::from_millis(800), server).await;
+    outcome
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the process still dies on the default action.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

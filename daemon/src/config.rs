@@ -1,0 +1,274 @@
+//! Command-line flags. The original daemon's flags keep their names and
+//! defaults (docs: COMPAT.md), so the existing DaemonSet works unchanged; the
+//! flags it had that did nothing are accepted and reported once.
+use std::{net::IpAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+
+use crate::{ports::PortsConfig, telemetry::LogFormat};
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "polarstack-daemon", version, about = "eBPF-assisted host observer for PolarDB Stack nodes")]
+pub struct Flags {
+    /// HTTP port (compat: also the port peers used).
+    #[arg(long, default_value_t = 8900)]
+    pub port: u16,
+
+    /// Address the HTTP server listens on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub listen_address: IpAddr,
+
+    /// This node's name (Kubernetes spec.nodeName); required in cluster mode.
+    #[arg(long, env = "CURRENT_NODE_NAME")]
+    pub current_node_name: Option<String>,
+
+    /// Label selector of the engine-version ConfigMaps.
+    #[arg(long, default_value = "configtype=minor_version_info,dbClusterMode=WriteReadMore")]
+    pub core_version_cm_labels: String,
+
+    /// ConfigMap whose annotations hold the watched port ranges.
+    #[arg(long, default_value = "polardb4mpd-controller")]
+    pub mpd_controller_cm_name: String,
+
+    /// Label selector of the daemon's own pods.
+    #[arg(long, default_value = "app=polarstack-daemon")]
+    pub polarstack_daemon_pod_labels: String,
+
+    /// Path to a kubeconfig; without it and outside a pod the daemon runs standalone.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Kubernetes API server address (overrides the kubeconfig's).
+    #[arg(long)]
+    pub master: Option<String>,
+
+    /// Instance log root (the log sweeps come in a later release; the flag is
+    /// accepted so the existing DaemonSet keeps working).
+    #[arg(long, default_value = "/flash/polardb_dbcluster/")]
+    pub dbcluster_log_dir: PathBuf,
+
+    /// Age threshold in days of the log sweeps.
+    #[arg(long, default_value_t = 3)]
+    pub ins_folder_overdue_days: u32,
+
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+
+    /// Full sock_diag resync period while eBPF events flow.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+
+    /// Full resync period when eBPF is unavailable (snapshot-only mode).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub degraded_resync_interval: Duration,
+
+    /// Delay before a targeted dump confirms a possibly freed port.
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    pub verify_delay: Duration,
+
+    /// eBPF ring buffer size in bytes: a power of two, at least 4096.
+    #[arg(long, default_value_t = polarstack_ebpf_common::DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]
+    pub ring_buffer_bytes: u32,
+
+    /// Run on sock_diag snapshots alone, without loading eBPF.
+    #[arg(long)]
+    pub disable_ebpf: bool,
+
+    /// cgroup v2 mount to attach the eBPF programs to (default: found at run time).
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+
+    // Flags of the original that did nothing. Accepted so an unchanged
+    // DaemonSet starts; each one given is logged once at start-up.
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub node_status_update_frequency: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub develop_mode: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub events_enable_upload: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub events_upload_url: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub events_upload_timeout: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub job_enable_del_fip: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub job_enable_add_fip: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub service_owner_db_cluster: Option<String>,
+    /// klog verbosity; mapped to a log level (0-1 info, 2-3 debug, 4+ trace).
+    #[arg(long = "v", hide = true)]
+    pub klog_v: Option<u8>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub logtostderr: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub log_dir: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub log_file: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub log_flush_frequency: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub stderrthreshold: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub alsologtostderr: Option<String>,
+}
+
+impl Flags {
+    /// Parses the process arguments, accepting Go's single-dash long flags
+    /// (`-port=8900`) as the original's DaemonSet may use them.
+    pub fn from_env() -> Self {
+        Self::parse_from(normalize_go_flags(std::env::args_os()))
+    }
+
+    pub fn try_from_args<I: IntoIterator<Item = String>>(args: I) -> Result<Self, clap::Error> {
+        Self::try_parse_from(normalize_go_flags(args.into_iter().map(Into::into)))
+    }
+
+    /// The legacy no-op flags that were given, for one warning each.
+    pub fn ignored_legacy_flags(&self) -> Vec<&'static str> {
+        let given = [
+            ("--node-status-update-frequency", self.node_status_update_frequency.is_some()),
+            ("--develop-mode", self.develop_mode.is_some()),
+            ("--events-enable-upload", self.events_enable_upload.is_some()),
+            ("--events-upload-url", self.events_upload_url.is_some()),
+            ("--events-upload-timeout", self.events_upload_timeout.is_some()),
+            ("--job-enable-del-fip", self.job_enable_del_fip.is_some()),
+            ("--job-enable-add-fip", self.job_enable_add_fip.is_some()),
+            ("--service-owner-db-cluster", self.service_owner_db_cluster.is_some()),
+            ("--logtostderr", self.logtostderr.is_some()),
+            ("--log-dir", self.log_dir.is_some()),
+            ("--log-file", self.log_file.is_some()),
+            ("--log-flush-frequency", self.log_flush_frequency.is_some()),
+            ("--stderrthreshold", self.stderrthreshold.is_some()),
+            ("--alsologtostderr", self.alsologtostderr.is_some()),
+        ];
+        given.into_iter().filter(|(_, g)| *g).map(|(n, _)| n).collect()
+    }
+
+    /// The effective log level: klog's `--v` when given, else `--log-level`.
+    pub fn log_level(&self) -> String {
+        match self.klog_v {
+            Some(0 | 1) => "info".into(),
+            Some(2 | 3) => "debug".into(),
+            Some(_) => "trace".into(),
+            None => self.log_level.clone(),
+        }
+    }
+
+    pub fn ports_config(&self) -> PortsConfig {
+        PortsConfig {
+            resync_interval: self.resync_interval,
+            degraded_resync_interval: self.degraded_resync_interval,
+            verify_delay: self.verify_delay,
+            loss_check_interval: Duration::from_millis(100),
+            ring_bytes: self.ring_buffer_bytes,
+            disable_ebpf: self.disable_ebpf,
+            cgroup_root: self.cgroup_root.clone(),
+        }
+    }
+}
+
+fn normalize_go_flags(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    args.into_iter()
+        .enumerate()
+        .map(|(i, a)| match a.to_str() {
+            Some(s) if i > 0 && s.len() > 2 && s.starts_with('-') && !s.starts_with("--") => format!("-{s}").into(),
+            _ => a,
+        })
+        .collect()
+}
+
+/// Durations as people write them: `500ms`, `5s`, `2m`, `6h`, `1d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 500ms, 5s, 2m or 6h"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" | "" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        "d" => Duration::from_secs(n * 86400),
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m, h or d)")),
+    };
+    if d.is_zero() {
+        return Err(format!("`{s}`: a duration must be positive"));
+    }
+    Ok(d)
+}
+
+fn parse_ring_bytes(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("`{s}` is not a number of bytes"))?;
+    if n < 4096 || !n.is_power_of_two() {
+        return Err(format!("{n}: the ring buffer must be a power of two of at least 4096 bytes"));
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Flags, clap::Error> {
+        Flags::try_from_args(std::iter::once("polarstack-daemon").chain(args.iter().copied()).map(String::from))
+    }
+
+    #[test]
+    fn defaults_match_the_original() {
+        let f = parse(&[]).expect("defaults parse");
+        assert_eq!(f.port, 8900);
+        assert_eq!(f.dbcluster_log_dir, PathBuf::from("/flash/polardb_dbcluster/"));
+        assert_eq!(f.ins_folder_overdue_days, 3);
+        assert_eq!(f.core_version_cm_labels, "configtype=minor_version_info,dbClusterMode=WriteReadMore");
+        assert_eq!(f.mpd_controller_cm_name, "polardb4mpd-controller");
+        assert_eq!(f.polarstack_daemon_pod_labels, "app=polarstack-daemon");
+    }
+
+    #[test]
+    fn the_original_daemonsets_flags_are_accepted() {
+        let f = parse(&[
+            "-port=8901",
+            "--develop-mode",
+            "--events-enable-upload=false",
+            "--logtostderr",
+            "--v=4",
+            "--log-dir",
+            "/var/log",
+            "--ins-folder-overdue-days=7",
+            "--dbcluster-log-dir=/disk1/polardb/",
+        ])
+        .expect("legacy flags parse");
+        assert_eq!(f.port, 8901);
+        assert_eq!(f.log_level(), "trace");
+        assert_eq!(f.ins_folder_overdue_days, 7);
+        assert_eq!(f.ignored_legacy_flags(), vec!["--develop-mode", "--events-enable-upload", "--logtostderr", "--log-dir"]);
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        for (args, needle) in [
+            (&["--port=70000"][..], "70000"),
+            (&["--resync-interval=5 parsecs"][..], "unknown unit"),
+            (&["--resync-interval=0s"][..], "positive"),
+            (&["--ring-buffer-bytes=5000"][..], "power of two"),
+            (&["--no-such-flag"][..], "no-such-flag"),
+        ] {
+            let err = parse(args).expect_err("must fail").to_string();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("6h"), Ok(Duration::from_secs(21600)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("h").is_err());
+    }
+}

@@ -1,0 +1,77 @@
+//! The HTTP sink: health, readiness, metrics and the native v2 API, served by
+//! axum on `--port`. Handlers only read domain state; they never write it.
+pub mod error;
+pub mod ports;
+pub mod query;
+
+use std::net::SocketAddr;
+
+use axum::{
+    extract::State,
+    http::{header, StatusCode, Uri},
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use self::error::ApiError;
+use crate::ports::Ports;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub ports: Ports,
+    pub shutdown: CancellationToken,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(ports::routes())
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// Binds `addr` and serves until `shutdown` fires.
+pub async fn serve(addr: SocketAddr, state: AppState) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "HTTP API listening");
+    let shutdown = state.shutdown.clone();
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// Process alive (compat: the original's body).
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready once the first full dump is merged (and eBPF attached, or its
+/// absence explained in `mode`/`reason`).
+async fn readyz(State(st): State<AppState>) -> Response {
+    let table = st.ports.read();
+    let body = json!({ "ready": table.status.ready, "ports": table.status });
+    let code = if table.status.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(body)).into_response()
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    let mut out = String::with_capacity(4096);
+    crate::telemetry::write_metric(
+        &mut out,
+        "polarstack_build_info",
+        "Build information.",
+        crate::telemetry::MetricKind::Gauge,
+        &[(format!("version=\"{}\"", env!("CARGO_PKG_VERSION")), 1.0)],
+    );
+    st.ports.render_metrics(&mut out);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::NotFound(uri.path().to_string())
+}

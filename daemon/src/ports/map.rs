@@ -1,0 +1,509 @@
+//! The port map: every socket that holds a local port in the watched network
+//! namespace, indexed by port. Pure data and merge rules, no I/O, so the
+//! rules that keep it safe are unit-tested here.
+//!
+//! The safety rule is asymmetric:
+//! - an event that shows a socket holding a port adds it at once;
+//! - nothing removes a socket except a sock_diag dump that *started after*
+//!   the socket's last event and does not contain it.
+//!
+//! So a lost, late or reordered event can make a port look busy for a while
+//! (until the next dump), but it can never make a taken port look free.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::IpAddr,
+    ops::RangeInclusive,
+    time::SystemTime,
+};
+
+use polarstack_ebpf_common::{EventKind, TrackedSocket, TCP_CLOSE, TCP_LISTEN};
+
+use super::model::{Family, Owner, Proto, SockState, Socket, Source};
+
+/// A port of one protocol: the unit of "taken".
+pub type PortKey = (Proto, u16);
+
+/// One event from the eBPF programs, decoded and validated.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub kind: EventKind,
+    pub ts_ns: u64,
+    pub cookie: u64,
+    pub netns_cookie: u64,
+    pub proto: Proto,
+    pub family: Family,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub owner: Option<Owner>,
+    pub old_state: u8,
+    pub new_state: u8,
+}
+
+/// One socket as a sock_diag dump reported it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DumpedSocket {
+    pub cookie: u64,
+    pub proto: Proto,
+    pub family: Family,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub state: SockState,
+    pub cgroup_id: u64,
+}
+
+/// Which ports a dump covered: everything, or a set of ports (a verification).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    Ports(BTreeSet<PortKey>),
+}
+
+impl Scope {
+    pub fn contains(&self, key: &PortKey) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Ports(set) => set.contains(key),
+        }
+    }
+}
+
+/// A finished dump: what it saw, and when it started (CLOCK_MONOTONIC ns).
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub started_ns: u64,
+    pub scope: Scope,
+    pub sockets: Vec<DumpedSocket>,
+}
+
+/// A port becoming taken or free; what the watch stream carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    Taken(PortKey),
+    Freed(PortKey),
+}
+
+/// What an event asks of the map's owner besides the update itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventEffect {
+    /// Nothing more to do.
+    Applied,
+    /// The port may have been freed: verify it with a dump.
+    Verify(PortKey),
+    /// The event did not describe a usable socket (e.g. port 0 before an
+    /// IP_BIND_ADDRESS_NO_PORT connect); the later event will.
+    Ignored,
+}
+
+/// How a dump changed the map.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MergeStats {
+    /// Sockets the dump showed that the map did not have.
+    pub added: Vec<u64>,
+    /// Sockets removed because the dump no longer showed them.
+    pub removed: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct PortMap {
+    sockets: HashMap<u64, Socket>,
+    by_port: BTreeMap<PortKey, BTreeSet<u64>>,
+}
+
+impl PortMap {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of sockets held.
+    pub fn len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
+    /// Number of distinct taken ports of `proto`.
+    pub fn taken_count(&self, proto: Proto) -> usize {
+        self.by_port.range((proto, 0)..=(proto, u16::MAX)).count()
+    }
+
+    pub fn is_taken(&self, key: PortKey) -> bool {
+        self.by_port.contains_key(&key)
+    }
+
+    /// Taken ports of `proto` within `range`, ascending.
+    pub fn taken_in(&self, proto: Proto, range: RangeInclusive<u16>) -> impl Iterator<Item = u16> + '_ {
+        self.by_port
+            .range((proto, *range.start())..=(proto, *range.end()))
+            .map(|((_, port), _)| *port)
+    }
+
+    /// The sockets on one port.
+    pub fn sockets_on(&self, key: PortKey) -> impl Iterator<Item = &Socket> + '_ {
+        self.by_port
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| self.sockets.get(c))
+    }
+
+    /// Sockets of `proto` with ports in `range`, by port.
+    pub fn sockets_in(
+        &self,
+        proto: Proto,
+        range: RangeInclusive<u16>,
+    ) -> impl Iterator<Item = &Socket> + '_ {
+        self.by_port
+            .range((proto, *range.start())..=(proto, *range.end()))
+            .flat_map(|(_, cookies)| cookies.iter())
+            .filter_map(|c| self.sockets.get(c))
+    }
+
+    pub fn get(&self, cookie: u64) -> Option<&Socket> {
+        self.sockets.get(&cookie)
+    }
+
+    /// What the kernel should remember for this socket so its release can be
+    /// reported; only for sockets whose close frees the port at once.
+    pub fn tracking_record(&self, cookie: u64) -> Option<TrackedSocket> {
+        let s = self.sockets.get(&cookie)?;
+        let frees_on_close = s.proto == Proto::Udp || matches!(s.state, SockState::Listen | SockState::Bound);
+        frees_on_close.then(|| TrackedSocket {
+            port: s.port,
+            family: s.family.af(),
+            proto: s.proto.ipproto(),
+            _pad: [0; 4],
+        })
+    }
+
+    pub fn apply_event(&mut self, ev: &Event, now: SystemTime, changes: &mut Vec<Change>) -> EventEffect {
+        let key = (ev.proto, ev.port);
+        match ev.kind {
+            EventKind::Bind | EventKind::Listen | EventKind::Connect => {
+                if ev.cookie == 0 || ev.port == 0 {
+                    return EventEffect::Ignored;
+                }
+                let state = match (ev.kind, ev.proto) {
+                    (EventKind::Listen, _) => SockState::Listen,
+                    (EventKind::Connect, _) => SockState::SynSent,
+                    _ => SockState::Bound,
+                };
+                self.upsert(
+                    Socket {
+                        cookie: ev.cookie,
+                        proto: ev.proto,
+                        family: ev.family,
+                        addr: ev.addr,
+                        port: ev.port,
+                        state,
+                        owner: ev.owner.clone(),
+                        sock_cgroup_id: 0,
+                        source: Source::Event,
+                        first_seen: now,
+                        last_event_ns: ev.ts_ns,
+                    },
+                    changes,
+                );
+                EventEffect::Applied
+            }
+            EventKind::Release => {
+                // The hook runs as close() begins: the port may still be held
+                // (or held on by TIME_WAIT), so only a later dump may drop it.
+                if let Some(s) = self.sockets.get_mut(&ev.cookie) {
+                    s.last_event_ns = s.last_event_ns.max(ev.ts_ns);
+                    return EventEffect::Verify((s.proto, s.port));
+                }
+                EventEffect::Verify(key)
+            }
+            EventKind::State => {
+                // A TCP socket left LISTEN or reached CLOSE somewhere on the
+                // host (the tracepoint cannot tell the namespace). Only a port
+                // we hold can become free, so others need no dump.
+                let frees = ev.old_state == TCP_LISTEN || ev.new_state == TCP_CLOSE;
+                if frees && self.is_taken(key) {
+                    EventEffect::Verify(key)
+                } else {
+                    EventEffect::Ignored
+                }
+            }
+        }
+    }
+
+    /// Merges a dump: it is the truth for everything that happened before it
+    /// started; sockets touched by events since then are left as they are.
+    pub fn apply_snapshot(&mut self, snap: &Snapshot, now: SystemTime, changes: &mut Vec<Change>) -> MergeStats {
+        let mut stats = MergeStats::default();
+        let mut seen = HashSet::with_capacity(snap.sockets.len());
+        for d in &snap.sockets {
+            if !snap.scope.contains(&(d.proto, d.port)) || d.port == 0 {
+                continue;
+            }
+            seen.insert(d.cookie);
+            match self.sockets.get_mut(&d.cookie) {
+                Some(s) => {
+                    s.sock_cgroup_id = d.cgroup_id;
+                    if s.last_event_ns < snap.started_ns {
+                        // The dump is newer than anything the events said.
+                        let updated = Socket { state: d.state, addr: d.addr, port: d.port, family: d.family, ..s.clone() };
+                        self.upsert(updated, changes);
+                    }
+                }
+                None => {
+                    stats.added.push(d.cookie);
+                    self.upsert(
+                        Socket {
+                            cookie: d.cookie,
+                            proto: d.proto,
+                            family: d.family,
+                            addr: d.addr,
+                            port: d.port,
+                            state: d.state,
+                            owner: None,
+                            sock_cgroup_id: d.cgroup_id,
+                            source: Source::Snapshot,
+                            first_seen: now,
+                            last_event_ns: 0,
+                        },
+                        changes,
+                    );
+                }
+            }
+        }
+        let candidates: Vec<u64> = match &snap.scope {
+            Scope::All => self.sockets.keys().copied().collect(),
+            Scope::Ports(keys) => keys
+                .iter()
+                .filter_map(|k| self.by_port.get(k))
+                .flatten()
+                .copied()
+                .collect(),
+        };
+        for cookie in candidates {
+            let stale = self
+                .sockets
+                .get(&cookie)
+                .is_some_and(|s| s.last_event_ns < snap.started_ns && !seen.contains(&cookie));
+            if stale {
+                self.remove(cookie, changes);
+                stats.removed += 1;
+            }
+        }
+        stats
+    }
+
+    fn upsert(&mut self, mut sock: Socket, changes: &mut Vec<Change>) {
+        let key = (sock.proto, sock.port);
+        if let Some(old) = self.sockets.get(&sock.cookie) {
+            // Keep what earlier sources knew and this one does not.
+            sock.first_seen = old.first_seen;
+            sock.source = old.source;
+            sock.last_event_ns = sock.last_event_ns.max(old.last_event_ns);
+            if sock.owner.is_none() {
+                sock.owner = old.owner.clone();
+            }
+            if sock.sock_cgroup_id == 0 {
+                sock.sock_cgroup_id = old.sock_cgroup_id;
+            }
+            let old_key = (old.proto, old.port);
+            if old_key != key {
+                self.unindex(sock.cookie, old_key, changes);
+            }
+        }
+        let cookies = self.by_port.entry(key).or_default();
+        if cookies.is_empty() {
+            changes.push(Change::Taken(key));
+        }
+        cookies.insert(sock.cookie);
+        self.sockets.insert(sock.cookie, sock);
+    }
+
+    fn remove(&mut self, cookie: u64, changes: &mut Vec<Change>) {
+        if let Some(s) = self.sockets.remove(&cookie) {
+            self.unindex(cookie, (s.proto, s.port), changes);
+        }
+    }
+
+    fn unindex(&mut self, cookie: u64, key: PortKey, changes: &mut Vec<Change>) {
+        if let Some(set) = self.by_port.get_mut(&key) {
+            set.remove(&cookie);
+            if set.is_empty() {
+                self.by_port.remove(&key);
+                changes.push(Change::Freed(key));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    const ANY4: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+
+    fn ev(kind: EventKind, cookie: u64, port: u16, ts: u64) -> Event {
+        Event {
+            kind,
+            ts_ns: ts,
+            cookie,
+            netns_cookie: 1,
+            proto: Proto::Tcp,
+            family: Family::Ipv4,
+            addr: ANY4,
+            port,
+            owner: Some(Owner { pid: 42, comm: "postgres".into(), cgroup_id: 7 }),
+            old_state: 0,
+            new_state: 0,
+        }
+    }
+
+    fn dumped(cookie: u64, port: u16, state: SockState) -> DumpedSocket {
+        DumpedSocket { cookie, proto: Proto::Tcp, family: Family::Ipv4, addr: ANY4, port, state, cgroup_id: 0 }
+    }
+
+    fn snap(started_ns: u64, scope: Scope, sockets: Vec<DumpedSocket>) -> Snapshot {
+        Snapshot { started_ns, scope, sockets }
+    }
+
+    fn now() -> SystemTime {
+        SystemTime::UNIX_EPOCH
+    }
+
+    #[test]
+    fn bind_takes_port_and_release_only_asks_for_verification() {
+        let mut m = PortMap::new();
+        let mut ch = vec![];
+        assert_eq!(m.apply_event(&ev(EventKind::Bind, 1, 5432, 10), now(), &mut ch), EventEffect::Applied);
+        assert_eq!(ch, vec![Change::Taken((Proto::Tcp, 5432))]);
+        ch.clear();
+        let eff = m.apply_event(&ev(EventKind::Release, 1, 5432, 20), now(), &mut ch);
+        assert_eq!(eff, EventEffect::Verify((Proto::Tcp, 5432)));
+        assert!(m.is_taken((Proto::Tcp, 5432)), "release alone must not free the port");
+        assert!(ch.is_empty());
+    }
+
+    #[test]
+    fn a_dump_started_after_the_release_frees_the_port() {
+        let mut m = PortMap::new();
+        let mut ch = vec![];
+        m.apply_event(&ev(EventKind::Bind, 1, 5432, 10), now(), &mut ch);
+        m.apply_event(&ev(EventKind::Release, 1, 5432, 20), now(), &mut ch);
+        ch.clear();
+        let key = (Proto::Tcp, 5432);
+        let stats = m.apply_snapshot(&snap(30, Scope::Ports([key].into()), vec![]), now(), &mut ch);
+        assert_eq!(stats.removed, 1);
+        assert!(!m.is_taken(key));
+        assert_eq!(ch, vec![Change::Freed(key)]);
+    }
+
+    #[test]
+    fn a_dump_older_than_an_event_cannot_remove_that_socket() {
+        // Dump started at 5, the bind happened at 10 and was applied before
+        // the dump finished: the dump did not see it, yet it must stay.
+        let mut m = PortMap::new();
+        let mut ch = vec![];
+        m.apply_event(&ev(EventKind::Bind, 1, 5432, 10), now(), &mut ch);
+        let stats = m.apply_snapshot(&snap(5, Scope::All, vec![]), now(), &mut ch);
+        assert_eq!(stats.removed, 0);
+        assert!(m.is_taken((Proto::Tcp, 5432)));
+    }
+
+    #[test]
+    fn a_dump_older_than_a_release_keeps_the_socket_until_a_newer_one() {
+        let mut m = PortMap::new();
+        let mut ch = vec![];
+        m.apply_event(&ev(EventKind::Bind, 1, 5432, 10), now(), &mut ch);
+        m.apply_event(&ev(EventKind::Release, 1, 5432, 20), now(), &mut ch);
+        m.apply_snapshot(&snap(15, Scope::All, vec![]), now(), &mut ch);
+        assert!(m.is_taken((Proto::Tcp, 5432)));
+        m.apply_snapshot(&snap(25, Scope::All, vec![]), now(), &mut ch);
+        assert!(!m.is_taken((Proto::Tcp, 5432)));
+    }
+
+    #[test]
+    fn time_wait_after_close_keeps_the_port() {
+        let mut m = PortMap::new();
+        let mut ch = vec![];
+        m.apply_event(&ev(EventKind::Connect, 9, 40000, 10), now(), &mut ch);
+        m.apply_event(&ev(EventKind::Release, 9, 40000, 20), now(), &mut ch);
+        let key = (Proto::Tcp, 40000);
+        m.apply_snapshot(&snap(30, Scope::Ports([key].into()), vec![dumped(9, 40000, SockState::TimeWait)]), now(), &mut ch);
+        assert!(m.is_taken(key));
+        assert_eq!(m.sockets_on(key).next().map(|s| s.state), Some(SockState::TimeWait));
+        // The owner learned from the connect event survives the dump.
+        assert_eq!(m.sockets_on(key).next().and_then(|s| s.owner.as_ref()).map(|o| o.pid), Some(42));
+    }
+
+    #[test]
+    fn snapshot_adds_unknown_sockets_and_reports_them() {
+        let mut m = PortMap::new();
+        let mut ch = vec![];
+        let stats = m.apply_snapshot(
+            &snap(1, Scope::All, vec![dumped(3, 22, SockState::Listen), dumped(4, 22, SockState::Established)]),
+            now(),
+            &mut ch,
+        );
+        assert_eq!(stats.added, vec![3, 4]);
+        assert_eq!(ch, vec![Change::Taken((Proto::Tcp, 22))], "one port, one change");
+        assert_eq!(m.get(3).map(|s| s.source), Some(Source::Snapshot));
+        assert!(m.tracking_record(3).is_some(), "a listener's close frees its port: track it");
+        assert!(m.tracking_record(4).is_none(), "a connection's close leaves TIME_WAIT: no need");
+    }
+
+    #[test]
+    fn verification_scope_leaves_other_ports_alone() {
+        let mut m = PortMap::new();
+        let mut ch = vec![];
+        m.apply_snapshot(&snap(1, Scope::All, vec![dumped(3, 22, SockState::Listen), dumped(5, 80, SockState::Listen)]), now(), &mut ch);
+        let key = (Proto::Tcp, 80);
+        let stats = m.apply_snapshot(&snap(2, Scope::Ports([key].into()), vec![]), now(), &mut ch);
+        assert_eq!(stats.removed, 1);
+        assert!(m.is_taken((Proto::Tcp, 22)));
+        assert!(!m.is_taken(key));
+    }
+
+    #[test]
+    fn reuseport_pair_keeps_port_until_both_are_gone() {
+        let mut m = PortMap::new();
+        let mut ch = vec![];
+        m.apply_event(&ev(EventKind::Listen, 1, 6000, 10), now(), &mut ch);
+        m.apply_event(&ev(EventKind::Listen, 2, 6000, 11), now(), &mut ch);
+        let key = (Proto::Tcp, 6000);
+        m.apply_snapshot(&snap(20, Scope::Ports([key].into()), vec![dumped(2, 6000, SockState::Listen)]), now(), &mut ch);
+        assert!(m.is_taken(key));
+        assert_eq!(m.sockets_on(key).count(), 1);
+    }
+
+    #[test]
+    fn port_zero_binds_are_ignored_until_a_port_is_known() {
+        let mut m = PortMap::new();
+        let mut ch = vec![];
+        assert_eq!(m.apply_event(&ev(EventKind::Bind, 1, 0, 10), now(), &mut ch), EventEffect::Ignored);
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn state_hints_only_matter_for_ports_we_hold() {
+        let mut m = PortMap::new();
+        let mut ch = vec![];
+        let mut hint = ev(EventKind::State, 0, 7000, 10);
+        hint.new_state = TCP_CLOSE;
+        assert_eq!(m.apply_event(&hint, now(), &mut ch), EventEffect::Ignored);
+        m.apply_event(&ev(EventKind::Connect, 1, 7000, 5), now(), &mut ch);
+        assert_eq!(m.apply_event(&hint, now(), &mut ch), EventEffect::Verify((Proto::Tcp, 7000)));
+    }
+
+    #[test]
+    fn tcp_and_udp_are_separate_ports() {
+        let mut m = PortMap::new();
+        let mut ch = vec![];
+        let mut udp = ev(EventKind::Bind, 1, 53, 10);
+        udp.proto = Proto::Udp;
+        m.apply_event(&udp, now(), &mut ch);
+        assert!(m.is_taken((Proto::Udp, 53)));
+        assert!(!m.is_taken((Proto::Tcp, 53)));
+        assert_eq!(m.taken_in(Proto::Udp, 1..=100).collect::<Vec<_>>(), vec![53]);
+    }
+}

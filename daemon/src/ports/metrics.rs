@@ -1,0 +1,166 @@
+//! Counters of the ports domain, rendered in the Prometheus text format.
+use std::{
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    time::Duration,
+};
+
+use polarstack_ebpf_common::EventKind;
+
+use super::{map::MergeStats, model::Proto, Mode, PortTable};
+use crate::telemetry::{write_metric, MetricKind};
+
+const KINDS: [(EventKind, &str); 5] = [
+    (EventKind::Bind, "bind"),
+    (EventKind::Release, "release"),
+    (EventKind::Listen, "listen"),
+    (EventKind::Connect, "connect"),
+    (EventKind::State, "state"),
+];
+
+#[derive(Default)]
+pub struct PortMetrics {
+    events: [AtomicU64; 5],
+    foreign: AtomicU64,
+    lost: AtomicU64,
+    dumps_full: AtomicU64,
+    dumps_ports: AtomicU64,
+    dump_errors: AtomicU64,
+    repairs_added: AtomicU64,
+    repairs_removed: AtomicU64,
+    last_full_dump_ns: AtomicU64,
+}
+
+impl PortMetrics {
+    pub fn count_event(&self, kind: EventKind) {
+        if let Some(i) = KINDS.iter().position(|(k, _)| *k == kind) {
+            self.events[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn count_foreign(&self) {
+        self.foreign.fetch_add(1, Relaxed);
+    }
+
+    pub fn count_dump_error(&self) {
+        self.dump_errors.fetch_add(1, Relaxed);
+    }
+
+    pub fn set_lost(&self, total: u64) {
+        self.lost.store(total, Relaxed);
+    }
+
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Relaxed)
+    }
+
+    /// Full dumps count what they found different from the map as repairs;
+    /// targeted dumps are the normal way releases are confirmed, so not.
+    pub fn record_dump(&self, full: bool, stats: &MergeStats, took: Duration) {
+        if full {
+            self.dumps_full.fetch_add(1, Relaxed);
+            self.repairs_added.fetch_add(stats.added.len() as u64, Relaxed);
+            self.repairs_removed.fetch_add(stats.removed as u64, Relaxed);
+            self.last_full_dump_ns.store(took.as_nanos() as u64, Relaxed);
+        } else {
+            self.dumps_ports.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn repairs(&self) -> (u64, u64) {
+        (self.repairs_added.load(Relaxed), self.repairs_removed.load(Relaxed))
+    }
+
+    pub fn render(&self, table: &PortTable, out: &mut String) {
+        use MetricKind::{Counter, Gauge};
+        let events: Vec<_> = KINDS
+            .iter()
+            .enumerate()
+            .map(|(i, (_, name))| (format!("kind=\"{name}\""), self.events[i].load(Relaxed) as f64))
+            .collect();
+        write_metric(out, "polarstack_ports_events_total", "eBPF events received, by hook.", Counter, &events);
+        let one = |v: u64| [(String::new(), v as f64)];
+        write_metric(
+            out,
+            "polarstack_ports_foreign_netns_events_total",
+            "Events from other network namespaces, dropped.",
+            Counter,
+            &one(self.foreign.load(Relaxed)),
+        );
+        write_metric(
+            out,
+            "polarstack_ports_lost_events_total",
+            "Events the kernel dropped because the ring buffer was full (each forces a resync).",
+            Counter,
+            &one(self.lost.load(Relaxed)),
+        );
+        write_metric(
+            out,
+            "polarstack_ports_dumps_total",
+            "sock_diag dumps, by scope (full resync, or targeted verification).",
+            Counter,
+            &[
+                ("scope=\"full\"".into(), self.dumps_full.load(Relaxed) as f64),
+                ("scope=\"ports\"".into(), self.dumps_ports.load(Relaxed) as f64),
+            ],
+        );
+        write_metric(
+            out,
+            "polarstack_ports_dump_errors_total",
+            "sock_diag dumps that failed (the map is kept as it was).",
+            Counter,
+            &one(self.dump_errors.load(Relaxed)),
+        );
+        let (added, removed) = self.repairs();
+        write_metric(
+            out,
+            "polarstack_ports_resync_repairs_total",
+            "Sockets a full resync found missing from (added) or stale in (removed) the map.",
+            Counter,
+            &[("kind=\"added\"".into(), added as f64), ("kind=\"removed\"".into(), removed as f64)],
+        );
+        write_metric(
+            out,
+            "polarstack_ports_last_full_dump_seconds",
+            "Duration of the last full sock_diag dump.",
+            Gauge,
+            &[(String::new(), self.last_full_dump_ns.load(Relaxed) as f64 / 1e9)],
+        );
+        write_metric(
+            out,
+            "polarstack_ports_sockets",
+            "Sockets holding a port in the watched namespace.",
+            Gauge,
+            &one(table.map.len() as u64),
+        );
+        let taken: Vec<_> = Proto::ALL
+            .iter()
+            .map(|p| (format!("proto=\"{p}\""), table.map.taken_count(*p) as f64))
+            .collect();
+        write_metric(out, "polarstack_ports_taken", "Distinct taken ports.", Gauge, &taken);
+        let (ebpf, snapshot) = match table.status.mode {
+            Mode::Ebpf => (1.0, 0.0),
+            Mode::SnapshotOnly { .. } => (0.0, 1.0),
+        };
+        write_metric(
+            out,
+            "polarstack_ports_mode",
+            "How the port map is fed: 1 for the active mode (snapshot-only means degraded).",
+            Gauge,
+            &[("mode=\"ebpf\"".into(), ebpf), ("mode=\"snapshot-only\"".into(), snapshot)],
+        );
+        write_metric(
+            out,
+            "polarstack_ports_ready",
+            "1 once the first full dump is merged.",
+            Gauge,
+            &one(table.status.ready as u64),
+        );
+        write_metric(
+            out,
+            "polarstack_ports_stale",
+            "1 while lost events await a repairing resync (nothing is reported free).",
+            Gauge,
+            &one(table.status.stale as u64),
+        );
+    }
+}
