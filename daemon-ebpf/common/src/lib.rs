@@ -13,6 +13,9 @@ pub const MAP_TRACKED: &str = "TRACKED";
 pub const MAP_LOST: &str = "LOST";
 /// Array of settings written by the daemon before attaching (see `CONFIG_*`).
 pub const MAP_CONFIG: &str = "CONFIG";
+/// LRU hash: socket cookie -> SO_REUSEADDR as seen just before bind(), for
+/// post_bind (which cannot call bpf_getsockopt) to report.
+pub const MAP_REUSE: &str = "REUSE";
 
 /// `CONFIG[CONFIG_NETNS_COOKIE]`: only sockets of this network namespace are
 /// reported (0 reports every namespace).
@@ -26,6 +29,8 @@ pub const DEFAULT_RING_BYTES: u32 = 256 * 1024;
 pub const TRACKED_MAX_ENTRIES: u32 = 65536;
 
 /// Program names, as the daemon looks them up in the object.
+pub const PROG_BIND4: &str = "bind4";
+pub const PROG_BIND6: &str = "bind6";
 pub const PROG_POST_BIND4: &str = "post_bind4";
 pub const PROG_POST_BIND6: &str = "post_bind6";
 pub const PROG_SOCK_RELEASE: &str = "sock_release";
@@ -87,7 +92,10 @@ pub struct PortEvent {
     /// Kernel TCP states (TCP_ESTABLISHED = 1 ... ) for `State` events.
     pub old_state: u8,
     pub new_state: u8,
-    pub _pad: [u8; 5],
+    /// SO_REUSEADDR of the socket: one of `REUSE_*`. A socket with it set
+    /// that is not listening does not stop a SO_REUSEADDR listener.
+    pub reuse: u8,
+    pub _pad: [u8; 4],
     /// Local address, network byte order; IPv4 in the first 4 bytes.
     pub addr: [u8; 16],
     /// Task command name, NUL padded.
@@ -107,7 +115,8 @@ impl PortEvent {
         proto: 0,
         old_state: 0,
         new_state: 0,
-        _pad: [0; 5],
+        reuse: REUSE_UNKNOWN,
+        _pad: [0; 4],
         addr: [0; 16],
         comm: [0; 16],
     };
@@ -127,6 +136,10 @@ pub struct TrackedSocket {
 }
 
 const _: () = assert!(core::mem::size_of::<TrackedSocket>() == 8);
+
+pub const REUSE_UNKNOWN: u8 = 0;
+pub const REUSE_OFF: u8 = 1;
+pub const REUSE_ON: u8 = 2;
 
 pub const AF_INET: u8 = 2;
 pub const AF_INET6: u8 = 10;

@@ -1,7 +1,9 @@
 //! The kernel half of the port map: hooks that report every way a socket comes
 //! to hold or give up a local port, written to one ring buffer.
 //!
-//! - cgroup post_bind4/6: an explicit, successful bind().
+//! - cgroup bind4/6 (before the bind) note the socket's SO_REUSEADDR, which
+//!   decides whether a bound socket blocks a PostgreSQL-style listener;
+//!   post_bind4/6 then report the explicit, successful bind().
 //! - sock_ops TCP_LISTEN_CB / TCP_CONNECT_CB: listen() and connect(), which
 //!   may pick a port themselves (autobind) without any bind() call.
 //! - cgroup sock_release: the owner closes a socket we track. Its context has
@@ -20,17 +22,18 @@ use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns,
     },
-    macros::{cgroup_sock, map, sock_ops, tracepoint},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops, tracepoint},
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
-    programs::{SockContext, SockOpsContext, TracePointContext},
+    programs::{SockAddrContext, SockContext, SockOpsContext, TracePointContext},
     EbpfContext,
 };
 use aya_log_ebpf::debug;
 use polarstack_ebpf_common::{
     EventKind, PortEvent, TrackedSocket, AF_INET, AF_INET6, CONFIG_LEN, CONFIG_NETNS_COOKIE,
-    DEFAULT_RING_BYTES, IPPROTO_TCP, TCP_CLOSE, TCP_LISTEN, TRACKED_MAX_ENTRIES,
+    DEFAULT_RING_BYTES, IPPROTO_TCP, REUSE_OFF, REUSE_ON, REUSE_UNKNOWN, TCP_CLOSE, TCP_LISTEN,
+    TRACKED_MAX_ENTRIES,
 };
 
 #[map]
@@ -45,6 +48,56 @@ static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static CONFIG: Array<u64> = Array::with_max_entries(CONFIG_LEN, 0);
+
+#[map]
+static REUSE: LruHashMap<u64, u8> = LruHashMap::with_max_entries(TRACKED_MAX_ENTRIES, 0);
+
+const SOL_SOCKET: i32 = 1;
+const SO_REUSEADDR: i32 = 2;
+
+/// SO_REUSEADDR of the socket behind `ctx`, for program types that may call
+/// bpf_getsockopt (sock_ops, and cgroup bind4/6).
+#[inline(always)]
+fn reuse_of<C: EbpfContext>(ctx: &C) -> u8 {
+    let mut val: i32 = 0;
+    // SAFETY: the helper writes at most 4 bytes into `val`.
+    let rc = unsafe {
+        bpf_getsockopt(
+            ctx.as_ptr(),
+            SOL_SOCKET,
+            SO_REUSEADDR,
+            (&mut val as *mut i32).cast(),
+            4,
+        )
+    };
+    match (rc, val) {
+        (0, 0) => REUSE_OFF,
+        (0, _) => REUSE_ON,
+        _ => REUSE_UNKNOWN,
+    }
+}
+
+/// Before a bind: remember SO_REUSEADDR for post_bind, which cannot ask.
+#[inline(always)]
+fn pre_bind(ctx: &SockAddrContext) -> i32 {
+    let (watched, _) = in_watched_netns(ctx);
+    if watched {
+        // SAFETY: ctx is valid for the helper.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let _ = REUSE.insert(cookie, reuse_of(ctx), 0);
+    }
+    1 // allow: we observe, never enforce
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn bind4(ctx: SockAddrContext) -> i32 {
+    pre_bind(&ctx)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn bind6(ctx: SockAddrContext) -> i32 {
+    pre_bind(&ctx)
+}
 
 /// True when the socket behind `ctx` belongs to the namespace the daemon
 /// watches (or when no namespace was configured).
@@ -83,7 +136,12 @@ fn submit(e: &PortEvent) {
 /// Remembers a port-holding socket so its release can be reported.
 #[inline(always)]
 fn track<C: EbpfContext>(ctx: &C, e: &PortEvent) {
-    let t = TrackedSocket { port: e.port, family: e.family, proto: e.proto, _pad: [0; 4] };
+    let t = TrackedSocket {
+        port: e.port,
+        family: e.family,
+        proto: e.proto,
+        _pad: [0; 4],
+    };
     if let Err(err) = TRACKED.insert(e.sock_cookie, t, 0) {
         debug!(ctx, "TRACKED insert failed: {}", err);
     }
@@ -102,6 +160,11 @@ fn post_bind<const V6: bool>(ctx: &SockContext) -> i32 {
     e.netns_cookie = netns;
     // SAFETY: ctx is valid for the helper.
     e.sock_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out before the entry is removed.
+    if let Some(r) = unsafe { REUSE.get(&e.sock_cookie) } {
+        e.reuse = *r;
+    }
+    let _ = REUSE.remove(&e.sock_cookie);
     e.port = sk.src_port as u16; // host byte order in bpf_sock
     e.family = sk.family as u8;
     e.proto = sk.protocol as u8;
@@ -175,6 +238,7 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
     e.port = ctx.local_port() as u16; // host byte order in bpf_sock_ops
     e.family = ctx.family() as u8;
     e.proto = IPPROTO_TCP;
+    e.reuse = reuse_of(&ctx);
     if e.family == AF_INET {
         e.addr[..4].copy_from_slice(&ctx.local_ip4().to_ne_bytes());
     } else if e.family == AF_INET6 {

@@ -1,6 +1,8 @@
 //! `/api/v2/ports`: the live port map, one port, free ports, and a watch
 //! stream of ports becoming taken or free.
-use std::{collections::BTreeMap, convert::Infallible, net::IpAddr, ops::RangeInclusive, time::SystemTime};
+use std::{
+    collections::BTreeMap, convert::Infallible, net::IpAddr, ops::RangeInclusive, time::SystemTime,
+};
 
 use axum::{
     extract::{Path, RawQuery, State},
@@ -41,6 +43,8 @@ struct Entry {
     address: IpAddr,
     port: u16,
     state: SockState,
+    /// Whether these sockets make the port taken (see `Socket::blocks`).
+    blocking: bool,
     sockets: usize,
     owners: Vec<OwnerView>,
     source: Source,
@@ -72,7 +76,11 @@ impl Filter {
         let from = p.port("from")?.unwrap_or(1);
         let to = p.port("to")?.unwrap_or(u16::MAX);
         if from > to {
-            return Err(ApiError::BadParam { param: "to", value: to.to_string(), reason: format!("must not be below from ({from})") });
+            return Err(ApiError::BadParam {
+                param: "to",
+                value: to.to_string(),
+                reason: format!("must not be below from ({from})"),
+            });
         }
         Ok(Self {
             protos: proto.map_or(Proto::ALL.to_vec(), |p| vec![p]),
@@ -88,31 +96,52 @@ impl Filter {
 }
 
 fn entries<'a>(ports: &Ports, sockets: impl Iterator<Item = &'a Socket>) -> Vec<Entry> {
-    let mut groups: BTreeMap<(Proto, u16, Family, IpAddr, SockState), Vec<&Socket>> = BTreeMap::new();
+    let mut groups: BTreeMap<(Proto, u16, Family, IpAddr, SockState, bool), Vec<&Socket>> =
+        BTreeMap::new();
     for s in sockets {
-        groups.entry((s.proto, s.port, s.family, s.addr, s.state)).or_default().push(s);
+        groups
+            .entry((s.proto, s.port, s.family, s.addr, s.state, s.blocks()))
+            .or_default()
+            .push(s);
     }
     groups
         .into_iter()
-        .map(|((proto, port, family, address, state), socks)| {
+        .map(|((proto, port, family, address, state, blocking), socks)| {
             let mut owners: Vec<OwnerView> = socks
                 .iter()
                 .filter_map(|s| {
                     let o = s.owner.as_ref()?;
-                    let cgroup = if o.cgroup_id != 0 { o.cgroup_id } else { s.sock_cgroup_id };
-                    Some(OwnerView { pid: o.pid, comm: o.comm.clone(), container: ports.containers.lookup(cgroup) })
+                    let cgroup = if o.cgroup_id != 0 {
+                        o.cgroup_id
+                    } else {
+                        s.sock_cgroup_id
+                    };
+                    Some(OwnerView {
+                        pid: o.pid,
+                        comm: o.comm.clone(),
+                        container: ports.containers.lookup(cgroup),
+                    })
                 })
                 .collect();
             owners.sort();
             owners.dedup();
-            let first_seen = socks.iter().map(|s| s.first_seen).min().unwrap_or(SystemTime::UNIX_EPOCH);
-            let source = if socks.iter().any(|s| s.source == Source::Event) { Source::Event } else { Source::Snapshot };
+            let first_seen = socks
+                .iter()
+                .map(|s| s.first_seen)
+                .min()
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            let source = if socks.iter().any(|s| s.source == Source::Event) {
+                Source::Event
+            } else {
+                Source::Snapshot
+            };
             Entry {
                 proto,
                 family,
                 address,
                 port,
                 state,
+                blocking,
                 sockets: socks.len(),
                 owners,
                 source,
@@ -147,25 +176,42 @@ async fn list(State(st): State<AppState>, RawQuery(q): RawQuery) -> Result<Respo
     Ok(Json(body).into_response())
 }
 
-async fn one(State(st): State<AppState>, Path(port): Path<String>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+async fn one(
+    State(st): State<AppState>,
+    Path(port): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
     let port: u16 = match port.parse() {
         Ok(p) if p > 0 => p,
-        _ => return Err(ApiError::BadParam { param: "port", value: port, reason: "expected a port number from 1 to 65535".into() }),
+        _ => {
+            return Err(ApiError::BadParam {
+                param: "port",
+                value: port,
+                reason: "expected a port number from 1 to 65535".into(),
+            })
+        }
     };
     let params = Params::parse(q.as_deref(), &["proto"])?;
-    let protos = params.opt::<Proto>("proto", PROTO_EXPECTED)?.map_or(Proto::ALL.to_vec(), |p| vec![p]);
+    let protos = params
+        .opt::<Proto>("proto", PROTO_EXPECTED)?
+        .map_or(Proto::ALL.to_vec(), |p| vec![p]);
     let table = st.ports.read();
-    let found: Vec<&Socket> = protos.iter().flat_map(|p| table.map.sockets_on((*p, port))).collect();
+    let found: Vec<&Socket> = protos
+        .iter()
+        .flat_map(|p| table.map.sockets_on((*p, port)))
+        .collect();
+    let taken = protos.iter().any(|p| table.map.is_taken((*p, port)));
     let certain = table.status.certain();
     let mut body = json!({
         "port": port,
         // Never say free when unsure: while resyncing, absent means busy.
-        "taken": !found.is_empty() || !certain,
+        "taken": taken || !certain,
         "certain": certain,
         "entries": entries(&st.ports, found.into_iter()),
     });
     if !certain {
-        body["reason"] = json!("the port map is not complete yet (starting, or resyncing after lost events)");
+        body["reason"] =
+            json!("the port map is not complete yet (starting, or resyncing after lost events)");
     }
     Ok(Json(body).into_response())
 }
@@ -194,13 +240,25 @@ async fn free(State(st): State<AppState>, RawQuery(q): RawQuery) -> Result<Respo
     let from = params.port("from")?.ok_or(ApiError::MissingParam("from"))?;
     let to = params.port("to")?.ok_or(ApiError::MissingParam("to"))?;
     if from > to {
-        return Err(ApiError::BadParam { param: "to", value: to.to_string(), reason: format!("must not be below from ({from})") });
+        return Err(ApiError::BadParam {
+            param: "to",
+            value: to.to_string(),
+            reason: format!("must not be below from ({from})"),
+        });
     }
-    let count: usize = params.opt("count", "a number from 1 to 65535")?.unwrap_or(1);
+    let count: usize = params
+        .opt("count", "a number from 1 to 65535")?
+        .unwrap_or(1);
     if !(1..=65535).contains(&count) {
-        return Err(ApiError::BadParam { param: "count", value: count.to_string(), reason: "expected a number from 1 to 65535".into() });
+        return Err(ApiError::BadParam {
+            param: "count",
+            value: count.to_string(),
+            reason: "expected a number from 1 to 65535".into(),
+        });
     }
-    let proto = params.opt::<FreeProto>("proto", "tcp, udp or both")?.unwrap_or(FreeProto::Tcp);
+    let proto = params
+        .opt::<FreeProto>("proto", "tcp, udp or both")?
+        .unwrap_or(FreeProto::Tcp);
     let protos: &[Proto] = match proto {
         FreeProto::Tcp => &[Proto::Tcp],
         FreeProto::Udp => &[Proto::Udp],
@@ -232,14 +290,18 @@ async fn watch(
                 Ok(c) if filter.protos.contains(&c.proto) && filter.range.contains(&c.port) => Some(
                     SseEvent::default()
                         .event(c.change)
-                        .json_data(json!({"proto": c.proto, "port": c.port, "at": rfc3339_millis(c.at)}))
+                        .json_data(
+                            json!({"proto": c.proto, "port": c.port, "at": rfc3339_millis(c.at)}),
+                        )
                         .unwrap_or_default(),
                 ),
                 Ok(_) => None,
                 // The client fell behind: say so, so it can re-read the map.
-                Err(BroadcastStreamRecvError::Lagged(n)) => {
-                    Some(SseEvent::default().event("lagged").data(json!({ "missed": n }).to_string()))
-                }
+                Err(BroadcastStreamRecvError::Lagged(n)) => Some(
+                    SseEvent::default()
+                        .event("lagged")
+                        .data(json!({ "missed": n }).to_string()),
+                ),
             };
             std::future::ready(out.map(Ok))
         })

@@ -40,7 +40,10 @@ pub fn container_id_of(dir_name: &str) -> Option<String> {
     let b = dir_name.as_bytes();
     let mut start = 0;
     while start + 64 <= b.len() {
-        let run = b[start..].iter().take_while(|c| c.is_ascii_hexdigit()).count();
+        let run = b[start..]
+            .iter()
+            .take_while(|c| c.is_ascii_hexdigit())
+            .count();
         if run >= 64 {
             return Some(dir_name[start..start + 64].to_ascii_lowercase());
         }
@@ -65,7 +68,11 @@ struct Index {
 
 impl ContainerIds {
     pub fn new(root: Option<PathBuf>) -> Self {
-        Self { root, inner: Mutex::new(Index::default()), min_rewalk: Duration::from_secs(10) }
+        Self {
+            root,
+            inner: Mutex::new(Index::default()),
+            min_rewalk: Duration::from_secs(10),
+        }
     }
 
     pub fn lookup(&self, cgroup_id: u64) -> Option<String> {
@@ -91,7 +98,9 @@ fn walk(dir: &Path, inherited: Option<&str>, out: &mut HashMap<u64, Option<Strin
     if depth > 16 {
         return;
     }
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let Ok(ft) = entry.file_type() else { continue };
         if !ft.is_dir() {

@@ -37,6 +37,7 @@ pub struct Event {
     pub owner: Option<Owner>,
     pub old_state: u8,
     pub new_state: u8,
+    pub reuse: Option<bool>,
 }
 
 /// One socket as a sock_diag dump reported it.
@@ -106,7 +107,11 @@ pub struct MergeStats {
 #[derive(Debug, Default)]
 pub struct PortMap {
     sockets: HashMap<u64, Socket>,
+    /// Every socket holding each port.
     by_port: BTreeMap<PortKey, BTreeSet<u64>>,
+    /// How many of them make the port taken ([`Socket::blocks`]); a port is
+    /// taken exactly when it has an entry here.
+    blocking: BTreeMap<PortKey, usize>,
 }
 
 impl PortMap {
@@ -125,16 +130,20 @@ impl PortMap {
 
     /// Number of distinct taken ports of `proto`.
     pub fn taken_count(&self, proto: Proto) -> usize {
-        self.by_port.range((proto, 0)..=(proto, u16::MAX)).count()
+        self.blocking.range((proto, 0)..=(proto, u16::MAX)).count()
     }
 
     pub fn is_taken(&self, key: PortKey) -> bool {
-        self.by_port.contains_key(&key)
+        self.blocking.contains_key(&key)
     }
 
     /// Taken ports of `proto` within `range`, ascending.
-    pub fn taken_in(&self, proto: Proto, range: RangeInclusive<u16>) -> impl Iterator<Item = u16> + '_ {
-        self.by_port
+    pub fn taken_in(
+        &self,
+        proto: Proto,
+        range: RangeInclusive<u16>,
+    ) -> impl Iterator<Item = u16> + '_ {
+        self.blocking
             .range((proto, *range.start())..=(proto, *range.end()))
             .map(|((_, port), _)| *port)
     }
@@ -168,7 +177,8 @@ impl PortMap {
     /// reported; only for sockets whose close frees the port at once.
     pub fn tracking_record(&self, cookie: u64) -> Option<TrackedSocket> {
         let s = self.sockets.get(&cookie)?;
-        let frees_on_close = s.proto == Proto::Udp || matches!(s.state, SockState::Listen | SockState::Bound);
+        let frees_on_close =
+            s.proto == Proto::Udp || matches!(s.state, SockState::Listen | SockState::Bound);
         frees_on_close.then(|| TrackedSocket {
             port: s.port,
             family: s.family.af(),
@@ -177,7 +187,12 @@ impl PortMap {
         })
     }
 
-    pub fn apply_event(&mut self, ev: &Event, now: SystemTime, changes: &mut Vec<Change>) -> EventEffect {
+    pub fn apply_event(
+        &mut self,
+        ev: &Event,
+        now: SystemTime,
+        changes: &mut Vec<Change>,
+    ) -> EventEffect {
         let key = (ev.proto, ev.port);
         match ev.kind {
             EventKind::Bind | EventKind::Listen | EventKind::Connect => {
@@ -197,6 +212,7 @@ impl PortMap {
                         addr: ev.addr,
                         port: ev.port,
                         state,
+                        reuse: ev.reuse,
                         owner: ev.owner.clone(),
                         sock_cgroup_id: 0,
                         source: Source::Event,
@@ -221,7 +237,7 @@ impl PortMap {
                 // host (the tracepoint cannot tell the namespace). Only a port
                 // we hold can become free, so others need no dump.
                 let frees = ev.old_state == TCP_LISTEN || ev.new_state == TCP_CLOSE;
-                if frees && self.is_taken(key) {
+                if frees && self.by_port.contains_key(&key) {
                     EventEffect::Verify(key)
                 } else {
                     EventEffect::Ignored
@@ -232,7 +248,12 @@ impl PortMap {
 
     /// Merges a dump: it is the truth for everything that happened before it
     /// started; sockets touched by events since then are left as they are.
-    pub fn apply_snapshot(&mut self, snap: &Snapshot, now: SystemTime, changes: &mut Vec<Change>) -> MergeStats {
+    pub fn apply_snapshot(
+        &mut self,
+        snap: &Snapshot,
+        now: SystemTime,
+        changes: &mut Vec<Change>,
+    ) -> MergeStats {
         let mut stats = MergeStats::default();
         let mut seen = HashSet::with_capacity(snap.sockets.len());
         for d in &snap.sockets {
@@ -245,7 +266,13 @@ impl PortMap {
                     s.sock_cgroup_id = d.cgroup_id;
                     if s.last_event_ns < snap.started_ns {
                         // The dump is newer than anything the events said.
-                        let updated = Socket { state: d.state, addr: d.addr, port: d.port, family: d.family, ..s.clone() };
+                        let updated = Socket {
+                            state: d.state,
+                            addr: d.addr,
+                            port: d.port,
+                            family: d.family,
+                            ..s.clone()
+                        };
                         self.upsert(updated, changes);
                     }
                 }
@@ -259,6 +286,7 @@ impl PortMap {
                             addr: d.addr,
                             port: d.port,
                             state: d.state,
+                            reuse: None,
                             owner: None,
                             sock_cgroup_id: d.cgroup_id,
                             source: Source::Snapshot,
@@ -294,42 +322,80 @@ impl PortMap {
 
     fn upsert(&mut self, mut sock: Socket, changes: &mut Vec<Change>) {
         let key = (sock.proto, sock.port);
-        if let Some(old) = self.sockets.get(&sock.cookie) {
+        let old = self.sockets.remove(&sock.cookie);
+        let mut touched = vec![key];
+        if let Some(old) = &old {
             // Keep what earlier sources knew and this one does not.
             sock.first_seen = old.first_seen;
             sock.source = old.source;
             sock.last_event_ns = sock.last_event_ns.max(old.last_event_ns);
+            sock.reuse = sock.reuse.or(old.reuse);
             if sock.owner.is_none() {
                 sock.owner = old.owner.clone();
             }
             if sock.sock_cgroup_id == 0 {
                 sock.sock_cgroup_id = old.sock_cgroup_id;
             }
-            let old_key = (old.proto, old.port);
-            if old_key != key {
-                self.unindex(sock.cookie, old_key, changes);
-            }
+            touched.push((old.proto, old.port));
         }
-        let cookies = self.by_port.entry(key).or_default();
-        if cookies.is_empty() {
-            changes.push(Change::Taken(key));
+        let before = self.taken_states(&touched);
+        if let Some(old) = &old {
+            self.unindex(old);
         }
-        cookies.insert(sock.cookie);
+        self.index(&sock);
         self.sockets.insert(sock.cookie, sock);
+        self.report(&touched, &before, changes);
     }
 
     fn remove(&mut self, cookie: u64, changes: &mut Vec<Change>) {
         if let Some(s) = self.sockets.remove(&cookie) {
-            self.unindex(cookie, (s.proto, s.port), changes);
+            let touched = [(s.proto, s.port)];
+            let before = self.taken_states(&touched);
+            self.unindex(&s);
+            self.report(&touched, &before, changes);
         }
     }
 
-    fn unindex(&mut self, cookie: u64, key: PortKey, changes: &mut Vec<Change>) {
+    fn taken_states(&self, keys: &[PortKey]) -> Vec<bool> {
+        keys.iter().map(|k| self.is_taken(*k)).collect()
+    }
+
+    /// Reports the ports whose taken-ness differs from `before`, once each.
+    fn report(&self, keys: &[PortKey], before: &[bool], changes: &mut Vec<Change>) {
+        for (i, (key, was)) in keys.iter().zip(before).enumerate() {
+            if keys[..i].contains(key) {
+                continue;
+            }
+            match (*was, self.is_taken(*key)) {
+                (false, true) => changes.push(Change::Taken(*key)),
+                (true, false) => changes.push(Change::Freed(*key)),
+                _ => {}
+            }
+        }
+    }
+
+    fn index(&mut self, s: &Socket) {
+        let key = (s.proto, s.port);
+        self.by_port.entry(key).or_default().insert(s.cookie);
+        if s.blocks() {
+            *self.blocking.entry(key).or_default() += 1;
+        }
+    }
+
+    fn unindex(&mut self, s: &Socket) {
+        let key = (s.proto, s.port);
         if let Some(set) = self.by_port.get_mut(&key) {
-            set.remove(&cookie);
+            set.remove(&s.cookie);
             if set.is_empty() {
                 self.by_port.remove(&key);
-                changes.push(Change::Freed(key));
+            }
+        }
+        if s.blocks() {
+            if let Some(n) = self.blocking.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.blocking.remove(&key);
+                }
             }
         }
     }
@@ -353,18 +419,35 @@ mod tests {
             family: Family::Ipv4,
             addr: ANY4,
             port,
-            owner: Some(Owner { pid: 42, comm: "postgres".into(), cgroup_id: 7 }),
+            owner: Some(Owner {
+                pid: 42,
+                comm: "postgres".into(),
+                cgroup_id: 7,
+            }),
             old_state: 0,
             new_state: 0,
+            reuse: None,
         }
     }
 
     fn dumped(cookie: u64, port: u16, state: SockState) -> DumpedSocket {
-        DumpedSocket { cookie, proto: Proto::Tcp, family: Family::Ipv4, addr: ANY4, port, state, cgroup_id: 0 }
+        DumpedSocket {
+            cookie,
+            proto: Proto::Tcp,
+            family: Family::Ipv4,
+            addr: ANY4,
+            port,
+            state,
+            cgroup_id: 0,
+        }
     }
 
     fn snap(started_ns: u64, scope: Scope, sockets: Vec<DumpedSocket>) -> Snapshot {
-        Snapshot { started_ns, scope, sockets }
+        Snapshot {
+            started_ns,
+            scope,
+            sockets,
+        }
     }
 
     fn now() -> SystemTime {
@@ -375,12 +458,18 @@ mod tests {
     fn bind_takes_port_and_release_only_asks_for_verification() {
         let mut m = PortMap::new();
         let mut ch = vec![];
-        assert_eq!(m.apply_event(&ev(EventKind::Bind, 1, 5432, 10), now(), &mut ch), EventEffect::Applied);
+        assert_eq!(
+            m.apply_event(&ev(EventKind::Bind, 1, 5432, 10), now(), &mut ch),
+            EventEffect::Applied
+        );
         assert_eq!(ch, vec![Change::Taken((Proto::Tcp, 5432))]);
         ch.clear();
         let eff = m.apply_event(&ev(EventKind::Release, 1, 5432, 20), now(), &mut ch);
         assert_eq!(eff, EventEffect::Verify((Proto::Tcp, 5432)));
-        assert!(m.is_taken((Proto::Tcp, 5432)), "release alone must not free the port");
+        assert!(
+            m.is_taken((Proto::Tcp, 5432)),
+            "release alone must not free the port"
+        );
         assert!(ch.is_empty());
     }
 
@@ -392,7 +481,11 @@ mod tests {
         m.apply_event(&ev(EventKind::Release, 1, 5432, 20), now(), &mut ch);
         ch.clear();
         let key = (Proto::Tcp, 5432);
-        let stats = m.apply_snapshot(&snap(30, Scope::Ports([key].into()), vec![]), now(), &mut ch);
+        let stats = m.apply_snapshot(
+            &snap(30, Scope::Ports([key].into()), vec![]),
+            now(),
+            &mut ch,
+        );
         assert_eq!(stats.removed, 1);
         assert!(!m.is_taken(key));
         assert_eq!(ch, vec![Change::Freed(key)]);
@@ -429,11 +522,28 @@ mod tests {
         m.apply_event(&ev(EventKind::Connect, 9, 40000, 10), now(), &mut ch);
         m.apply_event(&ev(EventKind::Release, 9, 40000, 20), now(), &mut ch);
         let key = (Proto::Tcp, 40000);
-        m.apply_snapshot(&snap(30, Scope::Ports([key].into()), vec![dumped(9, 40000, SockState::TimeWait)]), now(), &mut ch);
+        m.apply_snapshot(
+            &snap(
+                30,
+                Scope::Ports([key].into()),
+                vec![dumped(9, 40000, SockState::TimeWait)],
+            ),
+            now(),
+            &mut ch,
+        );
         assert!(m.is_taken(key));
-        assert_eq!(m.sockets_on(key).next().map(|s| s.state), Some(SockState::TimeWait));
+        assert_eq!(
+            m.sockets_on(key).next().map(|s| s.state),
+            Some(SockState::TimeWait)
+        );
         // The owner learned from the connect event survives the dump.
-        assert_eq!(m.sockets_on(key).next().and_then(|s| s.owner.as_ref()).map(|o| o.pid), Some(42));
+        assert_eq!(
+            m.sockets_on(key)
+                .next()
+                .and_then(|s| s.owner.as_ref())
+                .map(|o| o.pid),
+            Some(42)
+        );
     }
 
     #[test]
@@ -441,22 +551,50 @@ mod tests {
         let mut m = PortMap::new();
         let mut ch = vec![];
         let stats = m.apply_snapshot(
-            &snap(1, Scope::All, vec![dumped(3, 22, SockState::Listen), dumped(4, 22, SockState::Established)]),
+            &snap(
+                1,
+                Scope::All,
+                vec![
+                    dumped(3, 22, SockState::Listen),
+                    dumped(4, 22, SockState::Established),
+                ],
+            ),
             now(),
             &mut ch,
         );
         assert_eq!(stats.added, vec![3, 4]);
-        assert_eq!(ch, vec![Change::Taken((Proto::Tcp, 22))], "one port, one change");
+        assert_eq!(
+            ch,
+            vec![Change::Taken((Proto::Tcp, 22))],
+            "one port, one change"
+        );
         assert_eq!(m.get(3).map(|s| s.source), Some(Source::Snapshot));
-        assert!(m.tracking_record(3).is_some(), "a listener's close frees its port: track it");
-        assert!(m.tracking_record(4).is_none(), "a connection's close leaves TIME_WAIT: no need");
+        assert!(
+            m.tracking_record(3).is_some(),
+            "a listener's close frees its port: track it"
+        );
+        assert!(
+            m.tracking_record(4).is_none(),
+            "a connection's close leaves TIME_WAIT: no need"
+        );
     }
 
     #[test]
     fn verification_scope_leaves_other_ports_alone() {
         let mut m = PortMap::new();
         let mut ch = vec![];
-        m.apply_snapshot(&snap(1, Scope::All, vec![dumped(3, 22, SockState::Listen), dumped(5, 80, SockState::Listen)]), now(), &mut ch);
+        m.apply_snapshot(
+            &snap(
+                1,
+                Scope::All,
+                vec![
+                    dumped(3, 22, SockState::Listen),
+                    dumped(5, 80, SockState::Listen),
+                ],
+            ),
+            now(),
+            &mut ch,
+        );
         let key = (Proto::Tcp, 80);
         let stats = m.apply_snapshot(&snap(2, Scope::Ports([key].into()), vec![]), now(), &mut ch);
         assert_eq!(stats.removed, 1);
@@ -471,7 +609,15 @@ mod tests {
         m.apply_event(&ev(EventKind::Listen, 1, 6000, 10), now(), &mut ch);
         m.apply_event(&ev(EventKind::Listen, 2, 6000, 11), now(), &mut ch);
         let key = (Proto::Tcp, 6000);
-        m.apply_snapshot(&snap(20, Scope::Ports([key].into()), vec![dumped(2, 6000, SockState::Listen)]), now(), &mut ch);
+        m.apply_snapshot(
+            &snap(
+                20,
+                Scope::Ports([key].into()),
+                vec![dumped(2, 6000, SockState::Listen)],
+            ),
+            now(),
+            &mut ch,
+        );
         assert!(m.is_taken(key));
         assert_eq!(m.sockets_on(key).count(), 1);
     }
@@ -480,7 +626,10 @@ mod tests {
     fn port_zero_binds_are_ignored_until_a_port_is_known() {
         let mut m = PortMap::new();
         let mut ch = vec![];
-        assert_eq!(m.apply_event(&ev(EventKind::Bind, 1, 0, 10), now(), &mut ch), EventEffect::Ignored);
+        assert_eq!(
+            m.apply_event(&ev(EventKind::Bind, 1, 0, 10), now(), &mut ch),
+            EventEffect::Ignored
+        );
         assert!(m.is_empty());
     }
 
@@ -492,7 +641,56 @@ mod tests {
         hint.new_state = TCP_CLOSE;
         assert_eq!(m.apply_event(&hint, now(), &mut ch), EventEffect::Ignored);
         m.apply_event(&ev(EventKind::Connect, 1, 7000, 5), now(), &mut ch);
-        assert_eq!(m.apply_event(&hint, now(), &mut ch), EventEffect::Verify((Proto::Tcp, 7000)));
+        assert_eq!(
+            m.apply_event(&hint, now(), &mut ch),
+            EventEffect::Verify((Proto::Tcp, 7000))
+        );
+    }
+
+    #[test]
+    fn reuseaddr_sockets_that_do_not_listen_leave_the_port_free() {
+        let mut m = PortMap::new();
+        let mut ch = vec![];
+        let key = (Proto::Tcp, 8000);
+        let mut bind = ev(EventKind::Bind, 1, 8000, 10);
+        bind.reuse = Some(true);
+        m.apply_event(&bind, now(), &mut ch);
+        assert!(
+            !m.is_taken(key),
+            "a SO_REUSEADDR listener could still bind here"
+        );
+        assert_eq!(m.sockets_on(key).count(), 1, "but the socket is listed");
+        assert!(ch.is_empty());
+        // It starts listening: now it blocks.
+        let mut listen = ev(EventKind::Listen, 1, 8000, 20);
+        listen.reuse = Some(true);
+        m.apply_event(&listen, now(), &mut ch);
+        assert!(m.is_taken(key));
+        assert_eq!(ch, vec![Change::Taken(key)]);
+        // A dump that cannot tell the flag keeps what the event said.
+        ch.clear();
+        m.apply_snapshot(
+            &snap(
+                30,
+                Scope::All,
+                vec![dumped(1, 8000, SockState::Established)],
+            ),
+            now(),
+            &mut ch,
+        );
+        assert_eq!(m.get(1).and_then(|s| s.reuse), Some(true));
+        assert!(
+            !m.is_taken(key),
+            "established with SO_REUSEADDR: not blocking"
+        );
+        assert_eq!(ch, vec![Change::Freed(key)]);
+        // Unknown flag (a socket only a dump saw) counts as blocking.
+        m.apply_snapshot(
+            &snap(40, Scope::All, vec![dumped(2, 8001, SockState::Bound)]),
+            now(),
+            &mut ch,
+        );
+        assert!(m.is_taken((Proto::Tcp, 8001)));
     }
 
     #[test]
@@ -504,6 +702,9 @@ mod tests {
         m.apply_event(&udp, now(), &mut ch);
         assert!(m.is_taken((Proto::Udp, 53)));
         assert!(!m.is_taken((Proto::Tcp, 53)));
-        assert_eq!(m.taken_in(Proto::Udp, 1..=100).collect::<Vec<_>>(), vec![53]);
+        assert_eq!(
+            m.taken_in(Proto::Udp, 1..=100).collect::<Vec<_>>(),
+            vec![53]
+        );
     }
 }

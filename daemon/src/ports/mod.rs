@@ -87,6 +87,7 @@ pub struct Status {
     /// Events were lost and the repairing dump has not finished: the map may
     /// miss ports, so nothing may be reported free.
     pub stale: bool,
+    #[serde(serialize_with = "crate::time::serialize_opt_rfc3339")]
     pub last_full_resync: Option<SystemTime>,
     pub last_error: Option<String>,
 }
@@ -170,7 +171,13 @@ pub fn start(cfg: PortsConfig, shutdown: CancellationToken) -> Result<Ports, Sta
     }
     let table = Arc::new(RwLock::new(PortTable {
         map: PortMap::new(),
-        status: Status { mode: mode.clone(), ready: false, stale: false, last_full_resync: None, last_error: None },
+        status: Status {
+            mode: mode.clone(),
+            ready: false,
+            stale: false,
+            last_full_resync: None,
+            last_error: None,
+        },
     }));
     let (changes, _) = broadcast::channel(4096);
     let ports = Ports {
@@ -210,26 +217,59 @@ type Probes = ebpf::Probes;
 enum Probes {}
 
 #[cfg(feature = "ebpf")]
-fn load_probes(cfg: &PortsConfig, cgroup_root: Option<&std::path::Path>, netns_cookie: u64) -> (Option<Probes>, Mode) {
+fn load_probes(
+    cfg: &PortsConfig,
+    cgroup_root: Option<&std::path::Path>,
+    netns_cookie: u64,
+) -> (Option<Probes>, Mode) {
     if cfg.disable_ebpf {
-        return (None, Mode::SnapshotOnly { reason: "eBPF disabled by --disable-ebpf".into() });
+        return (
+            None,
+            Mode::SnapshotOnly {
+                reason: "eBPF disabled by --disable-ebpf".into(),
+            },
+        );
     }
     let Some(root) = cgroup_root else {
-        return (None, Mode::SnapshotOnly { reason: "no cgroup v2 mount found to attach to".into() });
+        return (
+            None,
+            Mode::SnapshotOnly {
+                reason: "no cgroup v2 mount found to attach to".into(),
+            },
+        );
     };
-    let opts = ebpf::EbpfOptions { cgroup_root: root, netns_cookie, ring_bytes: cfg.ring_bytes };
+    let opts = ebpf::EbpfOptions {
+        cgroup_root: root,
+        netns_cookie,
+        ring_bytes: cfg.ring_bytes,
+    };
     match ebpf::Probes::load(&opts) {
         Ok(p) => (Some(p), Mode::Ebpf),
-        Err(e) => (None, Mode::SnapshotOnly { reason: format!("eBPF unavailable: {e}") }),
+        Err(e) => (
+            None,
+            Mode::SnapshotOnly {
+                reason: format!("eBPF unavailable: {e}"),
+            },
+        ),
     }
 }
 
 #[cfg(not(feature = "ebpf"))]
 fn load_probes(_: &PortsConfig, _: Option<&std::path::Path>, _: u64) -> (Option<Probes>, Mode) {
-    (None, Mode::SnapshotOnly { reason: "built without eBPF (--no-default-features)".into() })
+    (
+        None,
+        Mode::SnapshotOnly {
+            reason: "built without eBPF (--no-default-features)".into(),
+        },
+    )
 }
 
-type DumpResult = (Scope, u64, Result<Vec<map::DumpedSocket>, DumpError>, Duration);
+type DumpResult = (
+    Scope,
+    u64,
+    Result<Vec<map::DumpedSocket>, DumpError>,
+    Duration,
+);
 
 /// sock_diag dumps are blocking syscalls: one thread does them all, reusing
 /// its netlink socket and buffer. It lives in the daemon's network namespace
@@ -239,15 +279,20 @@ fn spawn_dumper(
     requests: std::sync::mpsc::Receiver<(Scope, u64)>,
     results: mpsc::Sender<DumpResult>,
 ) -> std::io::Result<()> {
-    thread::Builder::new().name("sock-diag".into()).spawn(move || {
-        while let Ok((scope, started_ns)) = requests.recv() {
-            let t = std::time::Instant::now();
-            let res = diag.dump(&scope);
-            if results.blocking_send((scope, started_ns, res, t.elapsed())).is_err() {
-                break; // the owner is gone: shutting down
+    thread::Builder::new()
+        .name("sock-diag".into())
+        .spawn(move || {
+            while let Ok((scope, started_ns)) = requests.recv() {
+                let t = std::time::Instant::now();
+                let res = diag.dump(&scope);
+                if results
+                    .blocking_send((scope, started_ns, res, t.elapsed()))
+                    .is_err()
+                {
+                    break; // the owner is gone: shutting down
+                }
             }
-        }
-    })?;
+        })?;
     Ok(())
 }
 
@@ -337,10 +382,18 @@ impl Tracker {
         self.publish(changes, now);
     }
 
-    fn apply_dump(&mut self, (scope, started_ns, res, took): DumpResult, probes: &mut Option<Probes>) {
+    fn apply_dump(
+        &mut self,
+        (scope, started_ns, res, took): DumpResult,
+        probes: &mut Option<Probes>,
+    ) {
         let full = scope == Scope::All;
         let snap = match res {
-            Ok(sockets) => Snapshot { started_ns, scope, sockets },
+            Ok(sockets) => Snapshot {
+                started_ns,
+                scope,
+                sockets,
+            },
             Err(e) => {
                 // Fail safe: the map keeps what it has (busy stays busy), and
                 // the dump is retried at the next tick.
@@ -348,11 +401,16 @@ impl Tracker {
                 self.metrics.count_dump_error();
                 if let Scope::Ports(keys) = scope {
                     self.pending.extend(keys);
-                    self.verify_at.get_or_insert(Instant::now() + self.cfg.verify_delay);
+                    self.verify_at
+                        .get_or_insert(Instant::now() + self.cfg.verify_delay);
                 } else {
                     self.full_pending = true;
                 }
-                self.table.write().unwrap_or_else(|p| p.into_inner()).status.last_error = Some(e.to_string());
+                self.table
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .status
+                    .last_error = Some(e.to_string());
                 return;
             }
         };
@@ -362,9 +420,16 @@ impl Tracker {
         {
             let mut table = self.table.write().unwrap_or_else(|p| p.into_inner());
             let stats = table.map.apply_snapshot(&snap, now, &mut changes);
-            self.metrics.record_dump(full, &stats, took);
+            // The first full dump seeds the map: nothing in it is a repair.
+            let repair = full && table.status.ready;
+            self.metrics.record_dump(full, repair, &stats, took);
             if probes.is_some() {
-                seeds.extend(stats.added.iter().filter_map(|c| table.map.tracking_record(*c).map(|t| (*c, t))));
+                seeds.extend(
+                    stats
+                        .added
+                        .iter()
+                        .filter_map(|c| table.map.tracking_record(*c).map(|t| (*c, t))),
+                );
             }
             if full {
                 table.status.ready = true;
@@ -383,15 +448,24 @@ impl Tracker {
     /// Reads the kernel's lost-event counter; any increase marks the map
     /// stale and asks for a full dump now.
     fn check_lost(&mut self, probes: &Option<Probes>) {
-        let Some(lost) = lost_events(probes) else { return };
+        let Some(lost) = lost_events(probes) else {
+            return;
+        };
         if lost > self.lost_seen {
             let newly = lost - self.lost_seen;
             self.lost_seen = lost;
             self.metrics.set_lost(lost);
-            tracing::warn!(lost = newly, "eBPF events lost (ring buffer full); resyncing now");
+            tracing::warn!(
+                lost = newly,
+                "eBPF events lost (ring buffer full); resyncing now"
+            );
             self.stale_since = Some(monotonic_ns());
             self.full_pending = true;
-            self.table.write().unwrap_or_else(|p| p.into_inner()).status.stale = true;
+            self.table
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .status
+                .stale = true;
         }
     }
 
@@ -422,7 +496,11 @@ impl Tracker {
 
     fn degrade(&mut self, probes: &mut Option<Probes>, reason: String) {
         *probes = None;
-        self.table.write().unwrap_or_else(|p| p.into_inner()).status.mode = Mode::SnapshotOnly { reason };
+        self.table
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .status
+            .mode = Mode::SnapshotOnly { reason };
         self.full_pending = true;
     }
 
@@ -433,7 +511,12 @@ impl Tracker {
                 Change::Freed(k) => ("freed", k),
             };
             // No receivers is fine: nobody is watching.
-            let _ = self.changes.send(PortChange { change, proto, port, at });
+            let _ = self.changes.send(PortChange {
+                change,
+                proto,
+                port,
+                at,
+            });
         }
     }
 }
@@ -447,7 +530,10 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// Waits for ring-buffer records and decodes them into `batch`.
 #[cfg(feature = "ebpf")]
-async fn next_events(probes: &mut Option<Probes>, batch: &mut Vec<map::Event>) -> std::io::Result<()> {
+async fn next_events(
+    probes: &mut Option<Probes>,
+    batch: &mut Vec<map::Event>,
+) -> std::io::Result<()> {
     let Some(p) = probes.as_mut() else {
         return std::future::pending().await;
     };
@@ -478,7 +564,10 @@ fn lost_events(_: &Option<Probes>) -> Option<u64> {
 }
 
 #[cfg(feature = "ebpf")]
-fn seed_tracked(probes: &mut Option<Probes>, seeds: &[(u64, polarstack_ebpf_common::TrackedSocket)]) {
+fn seed_tracked(
+    probes: &mut Option<Probes>,
+    seeds: &[(u64, polarstack_ebpf_common::TrackedSocket)],
+) {
     if let Some(p) = probes.as_mut() {
         for (cookie, t) in seeds {
             p.track(*cookie, *t);

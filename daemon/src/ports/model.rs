@@ -187,6 +187,8 @@ pub struct Socket {
     pub addr: IpAddr,
     pub port: u16,
     pub state: SockState,
+    /// SO_REUSEADDR, when an event told; unknown for sockets only dumps saw.
+    pub reuse: Option<bool>,
     pub owner: Option<Owner>,
     /// cgroup id of the socket itself (from sock_diag), when no task owner is known.
     pub sock_cgroup_id: u64,
@@ -195,6 +197,20 @@ pub struct Socket {
     /// CLOCK_MONOTONIC ns of the last event about this socket; 0 when none.
     /// A snapshot that started before this instant cannot remove the socket.
     pub last_event_ns: u64,
+}
+
+impl Socket {
+    /// Whether this socket makes its port taken by DESIGN.md's definition:
+    /// a SO_REUSEADDR listener on the wildcard address would fail. The kernel
+    /// (inet_bind_conflict) lets such a listener share the port with sockets
+    /// that set SO_REUSEADDR themselves and are not listening; every UDP
+    /// socket blocks a plain UDP bind. Unknown counts as blocking.
+    pub fn blocks(&self) -> bool {
+        match self.proto {
+            Proto::Udp => true,
+            Proto::Tcp => self.state == SockState::Listen || self.reuse != Some(true),
+        }
+    }
 }
 
 /// Decodes the 16-byte address field shared by events and sock_diag replies
