@@ -10,12 +10,10 @@ fn main() {
     if env::var_os("CARGO_FEATURE_EBPF").is_none() {
         return;
     }
-    let object = env::var_os("POLARSTACK_EBPF_OBJECT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
-            manifest.join("../target/bpf/polarstack.bpf.o")
-        });
+    let object = env::var_os("POLARSTACK_EBPF_OBJECT").map(PathBuf::from).unwrap_or_else(|| {
+        let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
+        manifest.join("../target/bpf/polarstack.bpf.o")
+    });
     println!("cargo:rerun-if-changed={}", object.display());
     if !object.is_file() {
         panic!(
@@ -27,8 +25,5 @@ fn main() {
         );
     }
     let object = object.canonicalize().expect("object exists");
-    println!(
-        "cargo:rustc-env=POLARSTACK_EBPF_OBJECT={}",
-        object.display()
-    );
+    println!("cargo:rustc-env=POLARSTACK_EBPF_OBJECT={}", object.display());
 }

@@ -25,34 +25,23 @@ pub enum RunError {
     #[error(transparent)]
     Ports(#[from] ports::StartError),
     #[error("serving HTTP on {addr}: {source}")]
-    Http {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Http { addr: SocketAddr, source: std::io::Error },
 }
 
 /// Runs the daemon until SIGTERM/SIGINT, then stops within about a second.
 pub async fn run(flags: config::Flags) -> Result<(), RunError> {
     for flag in flags.ignored_legacy_flags() {
-        tracing::warn!(
-            flag,
-            "accepted for compatibility with the original daemon; it has no effect"
-        );
+        tracing::warn!(flag, "accepted for compatibility with the original daemon; it has no effect");
     }
     if flags.kubeconfig.is_none() && std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
-        tracing::info!(
-            "no cluster configured: running standalone (every source, HTTP API, no Kubernetes)"
-        );
+        tracing::info!("no cluster configured: running standalone (every source, HTTP API, no Kubernetes)");
     } else {
         tracing::warn!("Kubernetes publishing is not built yet: running standalone");
     }
     let shutdown = CancellationToken::new();
     let ports = ports::start(flags.ports_config(), shutdown.clone())?;
     let addr = SocketAddr::new(flags.listen_address, flags.port);
-    let state = http::AppState {
-        ports,
-        shutdown: shutdown.clone(),
-    };
+    let state = http::AppState { ports, shutdown: shutdown.clone() };
     let mut server = tokio::spawn(http::serve(addr, state));
     let outcome = tokio::select! {
         res = &mut server => match res {
@@ -73,10 +62,7 @@ pub async fn run(flags: config::Flags) -> Result<(), RunError> {
 
 async fn shutdown_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         // Without signal handlers the process still dies on the default action.
         return std::future::pending().await;
     };

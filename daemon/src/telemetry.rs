@@ -29,13 +29,7 @@ pub enum MetricKind {
 
 /// Appends one metric family: HELP, TYPE, then one sample per label set
 /// (`labels` is the inside of the braces, e.g. `kind="bind"`, or empty).
-pub fn write_metric(
-    out: &mut String,
-    name: &str,
-    help: &str,
-    kind: MetricKind,
-    samples: &[(String, f64)],
-) {
+pub fn write_metric(out: &mut String, name: &str, help: &str, kind: MetricKind, samples: &[(String, f64)]) {
     let kind = match kind {
         MetricKind::Counter => "counter",
         MetricKind::Gauge => "gauge",
@@ -58,16 +52,7 @@ mod tests {
     #[test]
     fn writes_prometheus_text() {
         let mut out = String::new();
-        write_metric(
-            &mut out,
-            "x_total",
-            "X.",
-            MetricKind::Counter,
-            &[("a=\"b\"".into(), 2.0), (String::new(), 1.5)],
-        );
-        assert_eq!(
-            out,
-            "# HELP x_total X.\n# TYPE x_total counter\nx_total{a=\"b\"} 2\nx_total 1.5\n"
-        );
+        write_metric(&mut out, "x_total", "X.", MetricKind::Counter, &[("a=\"b\"".into(), 2.0), (String::new(), 1.5)]);
+        assert_eq!(out, "# HELP x_total X.\n# TYPE x_total counter\nx_total{a=\"b\"} 2\nx_total 1.5\n");
     }
 }

@@ -34,16 +34,8 @@ pub fn in_new_netns<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -
         // SAFETY: unshare affects only this thread's namespaces; no other
         // thread is touched.
         let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "unshare(CLONE_NEWNET): {} (tests must run as root)",
-            std::io::Error::last_os_error()
-        );
-        let st = Command::new("ip")
-            .args(["link", "set", "lo", "up"])
-            .status()
-            .expect("run `ip` (iproute2)");
+        assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {} (tests must run as root)", std::io::Error::last_os_error());
+        let st = Command::new("ip").args(["link", "set", "lo", "up"]).status().expect("run `ip` (iproute2)");
         assert!(st.success(), "ip link set lo up");
         f()
     });
@@ -56,11 +48,7 @@ pub fn in_new_netns<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -
 /// Sets this namespace's ephemeral port range (sysctl files under /proc/sys/net
 /// belong to the namespace of the thread that opens them).
 pub fn set_ephemeral_range(lo: u16, hi: u16) {
-    std::fs::write(
-        "/proc/sys/net/ipv4/ip_local_port_range",
-        format!("{lo} {hi}"),
-    )
-    .expect("set ip_local_port_range");
+    std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", format!("{lo} {hi}")).expect("set ip_local_port_range");
 }
 
 /// The daemon binary: POLARSTACK_DAEMON_BIN (set by `cargo xtask test`), else
@@ -68,14 +56,8 @@ pub fn set_ephemeral_range(lo: u16, hi: u16) {
 pub fn daemon_bin() -> PathBuf {
     let bin = std::env::var_os("POLARSTACK_DAEMON_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/polarstack-daemon")
-        });
-    assert!(
-        bin.is_file(),
-        "daemon binary {} not found: run the tests with `cargo xtask test`",
-        bin.display()
-    );
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/polarstack-daemon"));
+    assert!(bin.is_file(), "daemon binary {} not found: run the tests with `cargo xtask test`", bin.display());
     bin
 }
 
@@ -102,22 +84,14 @@ impl Daemon {
         let log = std::env::temp_dir().join(format!(
             "polarstack-test-{}-{}.log",
             std::process::id(),
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
+            SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
         ));
         let log_file = std::fs::File::create(&log).expect("create daemon log");
         if cmd.get_program() != daemon_bin().as_os_str() {
             cmd.arg(daemon_bin());
         }
         let child = cmd
-            .args([
-                "--port",
-                &HTTP_PORT.to_string(),
-                "--listen-address",
-                "127.0.0.1",
-            ])
+            .args(["--port", &HTTP_PORT.to_string(), "--listen-address", "127.0.0.1"])
             .args(args)
             .env("RUST_LOG", "polarstack_daemon=debug,info")
             .stdout(Stdio::null())
@@ -129,15 +103,8 @@ impl Daemon {
             .timeout_global(Some(Duration::from_secs(10)))
             .build()
             .into();
-        let mut d = Self {
-            child: Some(child),
-            port: HTTP_PORT,
-            agent,
-            log,
-        };
-        let up = wait_for(Duration::from_secs(20), || {
-            d.get("/healthz").is_ok_and(|(s, _)| s == 200)
-        });
+        let mut d = Self { child: Some(child), port: HTTP_PORT, agent, log };
+        let up = wait_for(Duration::from_secs(20), || d.get("/healthz").is_ok_and(|(s, _)| s == 200));
         if !up {
             panic!("daemon did not answer /healthz:\n{}", d.log_text());
         }
@@ -147,10 +114,7 @@ impl Daemon {
     pub fn log_text(&mut self) -> String {
         if let Some(c) = self.child.as_mut() {
             if let Ok(Some(st)) = c.try_wait() {
-                return format!(
-                    "(exited: {st})\n{}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
+                return format!("(exited: {st})\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
             }
         }
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -162,11 +126,7 @@ impl Daemon {
 
     /// GET a path; the status and the body parsed as JSON (Null if not JSON).
     pub fn get(&self, path: &str) -> Result<(u16, Value)> {
-        let mut resp = self
-            .agent
-            .get(&self.url(path))
-            .call()
-            .with_context(|| format!("GET {path}"))?;
+        let mut resp = self.agent.get(&self.url(path)).call().with_context(|| format!("GET {path}"))?;
         let status = resp.status().as_u16();
         let text = resp.body_mut().read_to_string().context("read body")?;
         Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
@@ -180,11 +140,7 @@ impl Daemon {
     }
 
     pub fn metrics(&self) -> String {
-        let mut resp = self
-            .agent
-            .get(&self.url("/metrics"))
-            .call()
-            .expect("GET /metrics");
+        let mut resp = self.agent.get(&self.url("/metrics")).call().expect("GET /metrics");
         resp.body_mut().read_to_string().expect("metrics body")
     }
 
@@ -193,18 +149,13 @@ impl Daemon {
     pub fn metric(&self, sample: &str) -> f64 {
         let text = self.metrics();
         text.lines()
-            .find_map(|l| {
-                l.strip_prefix(sample)
-                    .and_then(|rest| rest.strip_prefix(' '))
-            })
+            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.strip_prefix(' ')))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or_else(|| panic!("metric {sample} not found in:\n{text}"))
     }
 
     pub fn wait_ready(&mut self) {
-        let ok = wait_for(Duration::from_secs(20), || {
-            self.get("/readyz").is_ok_and(|(s, _)| s == 200)
-        });
+        let ok = wait_for(Duration::from_secs(20), || self.get("/readyz").is_ok_and(|(s, _)| s == 200));
         if !ok {
             panic!("daemon not ready:\n{}", self.log_text());
         }
@@ -217,9 +168,7 @@ impl Daemon {
         // The dump counted next may have started before this call: wait for two.
         let ok = wait_for(Duration::from_secs(30), || {
             self.metric("polarstack_ports_dumps_total{scope=\"full\"}") >= before + 2.0
-                && self
-                    .get("/readyz")
-                    .is_ok_and(|(_, v)| v["ports"]["stale"] == false)
+                && self.get("/readyz").is_ok_and(|(_, v)| v["ports"]["stale"] == false)
         });
         if !ok {
             panic!("no full resync happened:\n{}", self.log_text());
@@ -227,14 +176,7 @@ impl Daemon {
     }
 
     /// Taken ports in [from, to] by protocol, as the daemon reports them.
-    pub fn taken(
-        &self,
-        from: u16,
-        to: u16,
-    ) -> (
-        std::collections::BTreeSet<u16>,
-        std::collections::BTreeSet<u16>,
-    ) {
+    pub fn taken(&self, from: u16, to: u16) -> (std::collections::BTreeSet<u16>, std::collections::BTreeSet<u16>) {
         let v = self.get_ok(&format!("/api/v2/ports?from={from}&to={to}"));
         assert_eq!(v["complete"], true, "map incomplete: {v}");
         let mut tcp = std::collections::BTreeSet::new();
@@ -256,8 +198,11 @@ impl Daemon {
     /// Opens the SSE watch stream; lines arrive on the returned channel.
     pub fn watch(&self, query: &str) -> mpsc::Receiver<String> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect for watch");
-        write!(stream, "GET /api/v2/ports/watch{query} HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n")
-            .expect("send watch request");
+        write!(
+            stream,
+            "GET /api/v2/ports/watch{query} HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        .expect("send watch request");
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
             for line in BufReader::new(stream).lines() {
@@ -272,9 +217,7 @@ impl Daemon {
 
     /// Sends SIGTERM and waits for the exit; returns how long it took.
     pub fn terminate(&mut self) -> Result<(std::process::ExitStatus, Duration)> {
-        let Some(mut child) = self.child.take() else {
-            bail!("already stopped")
-        };
+        let Some(mut child) = self.child.take() else { bail!("already stopped") };
         let t = Instant::now();
         // SAFETY: signalling our own child process by pid.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

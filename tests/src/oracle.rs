@@ -20,9 +20,7 @@ fn can_listen(v6: bool, port: u16) -> bool {
     let Ok(s) = Socket::new(domain, Type::STREAM, Some(Protocol::TCP)) else {
         return false;
     };
-    s.set_reuse_address(true).is_ok()
-        && s.bind(&wildcard(v6, port).into()).is_ok()
-        && s.listen(16).is_ok()
+    s.set_reuse_address(true).is_ok() && s.bind(&wildcard(v6, port).into()).is_ok() && s.listen(16).is_ok()
 }
 
 fn can_bind_udp(v6: bool, port: u16) -> bool {
@@ -58,10 +56,9 @@ pub fn judge(
 ) -> Verdict {
     let mut v = Verdict::default();
     for p in ports {
-        for (proto, kernel, daemon) in [
-            ("tcp", tcp_taken(p), daemon_tcp.contains(&p)),
-            ("udp", udp_taken(p), daemon_udp.contains(&p)),
-        ] {
+        for (proto, kernel, daemon) in
+            [("tcp", tcp_taken(p), daemon_tcp.contains(&p)), ("udp", udp_taken(p), daemon_udp.contains(&p))]
+        {
             v.taken += usize::from(kernel);
             match (kernel, daemon) {
                 (true, false) => v.false_free.push((proto, p)),

@@ -47,12 +47,7 @@ fn loopback(v6: bool, port: u16) -> SocketAddr {
 
 impl Workload {
     pub fn new(seed: u64, band: Band) -> Self {
-        Self {
-            rng: SmallRng::seed_from_u64(seed),
-            held: Vec::new(),
-            band,
-            counts: Default::default(),
-        }
+        Self { rng: SmallRng::seed_from_u64(seed), held: Vec::new(), band, counts: Default::default() }
     }
 
     pub fn open_sockets(&self) -> usize {
@@ -61,11 +56,7 @@ impl Workload {
 
     fn new_socket(&mut self, tcp: bool, v6: bool) -> Option<Socket> {
         let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
-        let (ty, proto) = if tcp {
-            (Type::STREAM, Protocol::TCP)
-        } else {
-            (Type::DGRAM, Protocol::UDP)
-        };
+        let (ty, proto) = if tcp { (Type::STREAM, Protocol::TCP) } else { (Type::DGRAM, Protocol::UDP) };
         let s = Socket::new(domain, ty, Some(proto)).ok()?;
         if self.rng.random_bool(0.5) {
             s.set_reuse_address(true).ok()?;
@@ -110,13 +101,7 @@ impl Workload {
         let port = if fixed { self.fixed_port() } else { 0 };
         if s.bind(&any(v6, port).into()).is_ok() {
             self.count(if fixed { "bind_port" } else { "bind_zero" });
-            self.held.push(Held {
-                sock: s,
-                tcp,
-                v6,
-                listening: false,
-                bound: true,
-            });
+            self.held.push(Held { sock: s, tcp, v6, listening: false, bound: true });
         }
     }
 
@@ -140,13 +125,7 @@ impl Workload {
         };
         if s.listen(64).is_ok() {
             self.count("listen_autobind");
-            self.held.push(Held {
-                sock: s,
-                tcp: true,
-                v6,
-                listening: true,
-                bound: true,
-            });
+            self.held.push(Held { sock: s, tcp: true, v6, listening: true, bound: true });
         }
     }
 
@@ -164,17 +143,9 @@ impl Workload {
         let Some(c) = self.new_socket(true, v6) else {
             return;
         };
-        if c.connect_timeout(&loopback(v6, port).into(), Duration::from_millis(200))
-            .is_ok()
-        {
+        if c.connect_timeout(&loopback(v6, port).into(), Duration::from_millis(200)).is_ok() {
             self.count("connect");
-            self.held.push(Held {
-                sock: c,
-                tcp: true,
-                v6,
-                listening: false,
-                bound: true,
-            });
+            self.held.push(Held { sock: c, tcp: true, v6, listening: false, bound: true });
         }
     }
 
@@ -187,13 +158,7 @@ impl Workload {
         let port = self.fixed_port();
         let _ = c.connect_timeout(&loopback(v6, port).into(), Duration::from_millis(200));
         self.count("connect_refused");
-        self.held.push(Held {
-            sock: c,
-            tcp: true,
-            v6,
-            listening: false,
-            bound: false,
-        });
+        self.held.push(Held { sock: c, tcp: true, v6, listening: false, bound: false });
     }
 
     /// UDP sendto without bind: an autobind no hook reports.
@@ -209,13 +174,7 @@ impl Workload {
         };
         if ok {
             self.count("udp_autobind");
-            self.held.push(Held {
-                sock: s,
-                tcp: false,
-                v6,
-                listening: false,
-                bound: true,
-            });
+            self.held.push(Held { sock: s, tcp: false, v6, listening: false, bound: true });
         }
     }
 
@@ -225,20 +184,11 @@ impl Workload {
             let Some(s) = self.new_socket(true, v6) else {
                 return;
             };
-            if s.set_reuse_port(true).is_err()
-                || s.bind(&any(v6, port).into()).is_err()
-                || s.listen(16).is_err()
-            {
+            if s.set_reuse_port(true).is_err() || s.bind(&any(v6, port).into()).is_err() || s.listen(16).is_err() {
                 return;
             }
             self.count("reuseport");
-            self.held.push(Held {
-                sock: s,
-                tcp: true,
-                v6,
-                listening: true,
-                bound: true,
-            });
+            self.held.push(Held { sock: s, tcp: true, v6, listening: true, bound: true });
         }
     }
 
@@ -268,13 +218,7 @@ impl Workload {
             };
             if s.bind(&any(false, port).into()).is_ok() && s.listen(1).is_ok() {
                 ok += 1;
-                self.held.push(Held {
-                    sock: s,
-                    tcp: true,
-                    v6: false,
-                    listening: true,
-                    bound: true,
-                });
+                self.held.push(Held { sock: s, tcp: true, v6: false, listening: true, bound: true });
             }
         }
         ok

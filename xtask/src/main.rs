@@ -16,12 +16,7 @@ use anyhow::{bail, Context, Result};
 
 /// Debian packages behind the eBPF build (EBPF.md): rustc-web (LLVM 22) with a
 /// prebuilt core for bpfel-unknown-none, and LLVM 22 for building bpf-linker.
-const EBPF_APT: &[&str] = &[
-    "rustc-web",
-    "cargo-web",
-    "libstd-rust-web-dev-bpf",
-    "llvm-22-dev",
-];
+const EBPF_APT: &[&str] = &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "llvm-22-dev"];
 /// What the tests use from the system: `ip netns` and `ss` (bench comparison).
 const TEST_APT: &[&str] = &["iproute2"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -33,12 +28,7 @@ fn main() {
         Some((t, r)) => (t.as_str(), r),
         None => ("help", &[][..]),
     };
-    let passthrough: Vec<String> = rest
-        .iter()
-        .skip_while(|a| *a != "--")
-        .skip(1)
-        .cloned()
-        .collect();
+    let passthrough: Vec<String> = rest.iter().skip_while(|a| *a != "--").skip(1).cloned().collect();
     let res = match task {
         "setup" => setup(),
         "build-ebpf" => build_ebpf(),
@@ -61,10 +51,7 @@ fn main() {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
 fn status(cmd: &mut Command) -> Result<ExitStatus> {
@@ -82,9 +69,7 @@ fn check(cmd: &mut Command) -> Result<()> {
 
 fn output(cmd: &mut Command) -> Option<String> {
     let o = cmd.output().ok()?;
-    o.status
-        .success()
-        .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+    o.status.success().then(|| String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
 fn is_root() -> bool {
@@ -95,8 +80,8 @@ fn is_root() -> bool {
 /// Installs what is missing (idempotent: a second run does nothing).
 fn setup() -> Result<()> {
     let mut missing: Vec<&str> = Vec::new();
-    let have_system_route = Path::new("/usr/bin/rustc").exists()
-        && Path::new("/usr/lib/rustlib/bpfel-unknown-none/lib").exists();
+    let have_system_route =
+        Path::new("/usr/bin/rustc").exists() && Path::new("/usr/lib/rustlib/bpfel-unknown-none/lib").exists();
     let have_linker = output(Command::new("bpf-linker").arg("--version")).is_some();
     if !have_system_route && nightly_rust_src().is_none() {
         missing.extend(EBPF_APT);
@@ -111,10 +96,7 @@ fn setup() -> Result<()> {
     missing.dedup();
     if !missing.is_empty() {
         if !is_root() {
-            bail!(
-                "missing Debian packages {missing:?}; run as root or: apt-get install -y {}",
-                missing.join(" ")
-            );
+            bail!("missing Debian packages {missing:?}; run as root or: apt-get install -y {}", missing.join(" "));
         }
         check(Command::new("apt-get").args(["update", "-q"]))?;
         check(
@@ -126,29 +108,16 @@ fn setup() -> Result<()> {
     }
     if !have_linker {
         // bpf-linker's default LLVM (23) is not in Debian 12: build it for 22.
-        let path = format!(
-            "/usr/lib/llvm-22/bin:{}",
-            env::var("PATH").unwrap_or_default()
-        );
+        let path = format!("/usr/lib/llvm-22/bin:{}", env::var("PATH").unwrap_or_default());
         check(
             Command::new("cargo")
-                .args([
-                    "install",
-                    "--locked",
-                    "bpf-linker",
-                    "--version",
-                    BPF_LINKER_VERSION,
-                ])
+                .args(["install", "--locked", "bpf-linker", "--version", BPF_LINKER_VERSION])
                 .args(["--no-default-features", "--features", "llvm-22"])
                 .env("PATH", path),
         )?;
     }
     if is_root() {
-        mount_if_missing(
-            "tracefs",
-            "/sys/kernel/tracing",
-            "/sys/kernel/tracing/events",
-        )?;
+        mount_if_missing("tracefs", "/sys/kernel/tracing", "/sys/kernel/tracing/events")?;
         mount_if_missing("bpf", "/sys/fs/bpf", "/sys/fs/bpf/.")?;
     }
     Ok(())
@@ -167,20 +136,13 @@ fn mount_if_missing(fstype: &str, dir: &str, probe: &str) -> Result<()> {
 }
 
 fn nightly_rust_src() -> Option<PathBuf> {
-    let sysroot =
-        output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
+    let sysroot = output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
     let core = PathBuf::from(sysroot.trim()).join("lib/rustlib/src/rust/library/core");
     core.exists().then_some(core)
 }
 
 fn llvm_major(rustc_vv: &str) -> Option<u32> {
-    rustc_vv
-        .lines()
-        .find_map(|l| l.strip_prefix("LLVM version: "))?
-        .split('.')
-        .next()?
-        .parse()
-        .ok()
+    rustc_vv.lines().find_map(|l| l.strip_prefix("LLVM version: "))?.split('.').next()?.parse().ok()
 }
 
 /// Builds daemon-ebpf/ for bpfel-unknown-none and copies the object to
@@ -192,8 +154,8 @@ fn llvm_major(rustc_vv: &str) -> Option<u32> {
 ///   that crate alone.
 /// - nightly: a rustup nightly with rust-src, `-Z build-std=core`.
 fn build_ebpf() -> Result<()> {
-    let system_ok = Path::new("/usr/bin/rustc").exists()
-        && Path::new("/usr/lib/rustlib/bpfel-unknown-none/lib").exists();
+    let system_ok =
+        Path::new("/usr/bin/rustc").exists() && Path::new("/usr/lib/rustlib/bpfel-unknown-none/lib").exists();
     let mode = match env::var("EBPF_TOOLCHAIN") {
         Ok(m) => m,
         Err(_) if system_ok => "system".into(),
@@ -208,18 +170,13 @@ fn build_ebpf() -> Result<()> {
     let (mut cmd, rustc_vv) = match mode.as_str() {
         "system" => {
             let mut c = Command::new("/usr/bin/cargo");
-            c.arg("build")
-                .env("RUSTC", "/usr/bin/rustc")
-                .env("RUSTC_BOOTSTRAP", "aya_ebpf");
+            c.arg("build").env("RUSTC", "/usr/bin/rustc").env("RUSTC_BOOTSTRAP", "aya_ebpf");
             (c, output(Command::new("/usr/bin/rustc").arg("-vV")))
         }
         "nightly" => {
             let mut c = Command::new("rustup");
             c.args(["run", "nightly", "cargo", "build", "-Z", "build-std=core"]);
-            (
-                c,
-                output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"])),
-            )
+            (c, output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"])))
         }
         other => bail!("EBPF_TOOLCHAIN={other}: expected system or nightly"),
     };
@@ -229,11 +186,7 @@ fn build_ebpf() -> Result<()> {
     // version line does not print the LLVM it links, so the major is read
     // from the llvm-config it was built with.
     let linker_major = output(Command::new("/usr/lib/llvm-22/bin/llvm-config").arg("--version"))
-        .and_then(|v| {
-            v.split('.')
-                .next()
-                .and_then(|m| m.trim().parse::<u32>().ok())
-        });
+        .and_then(|v| v.split('.').next().and_then(|m| m.trim().parse::<u32>().ok()));
     eprintln!("xtask: eBPF toolchain={mode}; rustc LLVM major {rustc_major:?}; bpf-linker LLVM major {linker_major:?}");
     let Some(linker) = linker else {
         bail!(
@@ -252,14 +205,7 @@ fn build_ebpf() -> Result<()> {
     let root = root();
     let target_dir = root.join("daemon-ebpf/target");
     cmd.current_dir(root.join("daemon-ebpf"))
-        .args([
-            "--release",
-            "-p",
-            "polarstack-ebpf",
-            "--target",
-            "bpfel-unknown-none",
-            "--target-dir",
-        ])
+        .args(["--release", "-p", "polarstack-ebpf", "--target", "bpfel-unknown-none", "--target-dir"])
         .arg(&target_dir)
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("CARGO_TARGET_DIR");
@@ -289,10 +235,7 @@ fn run(flags: &[String]) -> Result<()> {
     build_ebpf()?;
     check(cargo().args(["build", "--release", "-p", "polarstack-daemon"]))?;
     let bin = root().join("target/release/polarstack-daemon");
-    eprintln!(
-        "xtask: starting {} (standalone unless a cluster is configured); Ctrl-C stops it",
-        bin.display()
-    );
+    eprintln!("xtask: starting {} (standalone unless a cluster is configured); Ctrl-C stops it", bin.display());
     let st = status(Command::new(bin).args(flags))?;
     exit(st.code().unwrap_or(0));
 }
@@ -304,13 +247,7 @@ fn test(args: &[String]) -> Result<()> {
     // them where it is.
     check(cargo().args(["build", "-p", "polarstack-daemon", "--bins"]))?;
     let bin = root().join("target/debug/polarstack-daemon");
-    check(
-        cargo()
-            .args(["test", "--workspace"])
-            .arg("--")
-            .args(args)
-            .env("POLARSTACK_DAEMON_BIN", bin),
-    )
+    check(cargo().args(["test", "--workspace"]).arg("--").args(args).env("POLARSTACK_DAEMON_BIN", bin))
 }
 
 fn bench(which: &str) -> Result<()> {
@@ -318,20 +255,11 @@ fn bench(which: &str) -> Result<()> {
         "ports" => {
             setup()?;
             build_ebpf()?;
-            check(cargo().args([
-                "build",
-                "--release",
-                "-p",
-                "polarstack-daemon",
-                "--bins",
-                "--examples",
-            ]))?;
+            check(cargo().args(["build", "--release", "-p", "polarstack-daemon", "--bins", "--examples"]))?;
             let root = root();
             check(
-                Command::new(root.join("target/release/examples/bench_ports")).env(
-                    "POLARSTACK_DAEMON_BIN",
-                    root.join("target/release/polarstack-daemon"),
-                ),
+                Command::new(root.join("target/release/examples/bench_ports"))
+                    .env("POLARSTACK_DAEMON_BIN", root.join("target/release/polarstack-daemon")),
             )
         }
         other => bail!("unknown benchmark {other:?}; available: ports"),

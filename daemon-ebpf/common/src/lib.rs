@@ -50,8 +50,8 @@ pub enum EventKind {
     Listen = 3,
     /// connect() assigned a local port (sock_ops TCP_CONNECT_CB).
     Connect = 4,
-    /// TCP state change into or out of LISTEN, or into CLOSE
-    /// (tracepoint sock/inet_sock_set_state). Carries no cookie or netns.
+    /// TCP state change into or out of LISTEN (tracepoint
+    /// sock/inet_sock_set_state). Carries no cookie or netns.
     State = 5,
 }
 
@@ -145,7 +145,6 @@ pub const AF_INET: u8 = 2;
 pub const AF_INET6: u8 = 10;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
-pub const TCP_CLOSE: u8 = 7;
 pub const TCP_LISTEN: u8 = 10;
 
 #[cfg(feature = "user")]

@@ -6,11 +6,12 @@
 //!   post_bind4/6 then report the explicit, successful bind().
 //! - sock_ops TCP_LISTEN_CB / TCP_CONNECT_CB: listen() and connect(), which
 //!   may pick a port themselves (autobind) without any bind() call.
-//! - cgroup sock_release: the owner closes a socket we track. Its context has
-//!   no port, so every socket we report is remembered in `TRACKED` (by cookie).
+//! - cgroup sock_release: the owner closes a bound or listening socket. Its
+//!   context has no port, so those sockets are remembered in `TRACKED` (by
+//!   cookie). Connected sockets are not: their close leaves the port held
+//!   (FIN_WAIT, TIME_WAIT) and only the daemon's periodic dump sees it end.
 //! - tracepoint sock/inet_sock_set_state: TCP sockets entering or leaving
-//!   LISTEN, or reaching CLOSE (a failed connect frees an autobound port
-//!   without any close()).
+//!   LISTEN (also for sockets that predate the daemon).
 //!
 //! The daemon trusts events that add a port and treats the others as hints:
 //! a port leaves its map only after a sock_diag dump confirms it is gone, so a
@@ -21,8 +22,8 @@
 use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
+        bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns,
     },
     macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops, tracepoint},
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
@@ -31,17 +32,15 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use polarstack_ebpf_common::{
-    EventKind, PortEvent, TrackedSocket, AF_INET, AF_INET6, CONFIG_LEN, CONFIG_NETNS_COOKIE,
-    DEFAULT_RING_BYTES, IPPROTO_TCP, REUSE_OFF, REUSE_ON, REUSE_UNKNOWN, TCP_CLOSE, TCP_LISTEN,
-    TRACKED_MAX_ENTRIES,
+    EventKind, PortEvent, TrackedSocket, AF_INET, AF_INET6, CONFIG_LEN, CONFIG_NETNS_COOKIE, DEFAULT_RING_BYTES,
+    IPPROTO_TCP, REUSE_OFF, REUSE_ON, REUSE_UNKNOWN, TCP_LISTEN, TRACKED_MAX_ENTRIES,
 };
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
 #[map]
-static TRACKED: LruHashMap<u64, TrackedSocket> =
-    LruHashMap::with_max_entries(TRACKED_MAX_ENTRIES, 0);
+static TRACKED: LruHashMap<u64, TrackedSocket> = LruHashMap::with_max_entries(TRACKED_MAX_ENTRIES, 0);
 
 #[map]
 static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -61,15 +60,7 @@ const SO_REUSEADDR: i32 = 2;
 fn reuse_of<C: EbpfContext>(ctx: &C) -> u8 {
     let mut val: i32 = 0;
     // SAFETY: the helper writes at most 4 bytes into `val`.
-    let rc = unsafe {
-        bpf_getsockopt(
-            ctx.as_ptr(),
-            SOL_SOCKET,
-            SO_REUSEADDR,
-            (&mut val as *mut i32).cast(),
-            4,
-        )
-    };
+    let rc = unsafe { bpf_getsockopt(ctx.as_ptr(), SOL_SOCKET, SO_REUSEADDR, (&mut val as *mut i32).cast(), 4) };
     match (rc, val) {
         (0, 0) => REUSE_OFF,
         (0, _) => REUSE_ON,
@@ -136,12 +127,7 @@ fn submit(e: &PortEvent) {
 /// Remembers a port-holding socket so its release can be reported.
 #[inline(always)]
 fn track<C: EbpfContext>(ctx: &C, e: &PortEvent) {
-    let t = TrackedSocket {
-        port: e.port,
-        family: e.family,
-        proto: e.proto,
-        _pad: [0; 4],
-    };
+    let t = TrackedSocket { port: e.port, family: e.family, proto: e.proto, _pad: [0; 4] };
     if let Err(err) = TRACKED.insert(e.sock_cookie, t, 0) {
         debug!(ctx, "TRACKED insert failed: {}", err);
     }
@@ -248,7 +234,9 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
         }
     }
     let e = with_task(e);
-    track(&ctx, &e);
+    if kind == EventKind::Listen {
+        track(&ctx, &e);
+    }
     submit(&e);
     1
 }
@@ -267,17 +255,13 @@ const TP_SADDR_V6: usize = 40;
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     // SAFETY: offsets and sizes match the tracepoint's published format.
     unsafe {
-        let (Ok(old), Ok(new), Ok(proto)) = (
-            ctx.read_at::<i32>(TP_OLDSTATE),
-            ctx.read_at::<i32>(TP_NEWSTATE),
-            ctx.read_at::<u16>(TP_PROTOCOL),
-        ) else {
+        let (Ok(old), Ok(new), Ok(proto)) =
+            (ctx.read_at::<i32>(TP_OLDSTATE), ctx.read_at::<i32>(TP_NEWSTATE), ctx.read_at::<u16>(TP_PROTOCOL))
+        else {
             return 0;
         };
         let (old, new) = (old as u8, new as u8);
-        if proto != IPPROTO_TCP as u16
-            || !(old == TCP_LISTEN || new == TCP_LISTEN || new == TCP_CLOSE)
-        {
+        if proto != IPPROTO_TCP as u16 || !(old == TCP_LISTEN || new == TCP_LISTEN) {
             return 0;
         }
         let mut e = PortEvent::ZERO;

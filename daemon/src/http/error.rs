@@ -9,11 +9,7 @@ use serde_json::json;
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("invalid value {value:?} for `{param}`: {reason}")]
-    BadParam {
-        param: &'static str,
-        value: String,
-        reason: String,
-    },
+    BadParam { param: &'static str, value: String, reason: String },
     #[error("missing required parameter `{0}`")]
     MissingParam(&'static str),
     #[error("unknown parameter `{name}` (accepted: {accepted})")]

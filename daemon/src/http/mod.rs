@@ -40,9 +40,7 @@ pub async fn serve(addr: SocketAddr, state: AppState) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "HTTP API listening");
     let shutdown = state.shutdown.clone();
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    axum::serve(listener, router(state)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
 }
 
 /// Process alive (compat: the original's body).
@@ -55,11 +53,7 @@ async fn healthz() -> Json<serde_json::Value> {
 async fn readyz(State(st): State<AppState>) -> Response {
     let table = st.ports.read();
     let body = json!({ "ready": table.status.ready, "ports": table.status });
-    let code = if table.status.ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let code = if table.status.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(body)).into_response()
 }
 
@@ -73,14 +67,7 @@ async fn metrics(State(st): State<AppState>) -> Response {
         &[(format!("version=\"{}\"", env!("CARGO_PKG_VERSION")), 1.0)],
     );
     st.ports.render_metrics(&mut out);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        out,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
 }
 
 async fn not_found(uri: Uri) -> ApiError {

@@ -1,8 +1,6 @@
 //! `/api/v2/ports`: the live port map, one port, free ports, and a watch
 //! stream of ports becoming taken or free.
-use std::{
-    collections::BTreeMap, convert::Infallible, net::IpAddr, ops::RangeInclusive, time::SystemTime,
-};
+use std::{collections::BTreeMap, convert::Infallible, net::IpAddr, ops::RangeInclusive, time::SystemTime};
 
 use axum::{
     extract::{Path, RawQuery, State},
@@ -96,13 +94,9 @@ impl Filter {
 }
 
 fn entries<'a>(ports: &Ports, sockets: impl Iterator<Item = &'a Socket>) -> Vec<Entry> {
-    let mut groups: BTreeMap<(Proto, u16, Family, IpAddr, SockState, bool), Vec<&Socket>> =
-        BTreeMap::new();
+    let mut groups: BTreeMap<(Proto, u16, Family, IpAddr, SockState, bool), Vec<&Socket>> = BTreeMap::new();
     for s in sockets {
-        groups
-            .entry((s.proto, s.port, s.family, s.addr, s.state, s.blocks()))
-            .or_default()
-            .push(s);
+        groups.entry((s.proto, s.port, s.family, s.addr, s.state, s.blocks())).or_default().push(s);
     }
     groups
         .into_iter()
@@ -111,30 +105,14 @@ fn entries<'a>(ports: &Ports, sockets: impl Iterator<Item = &'a Socket>) -> Vec<
                 .iter()
                 .filter_map(|s| {
                     let o = s.owner.as_ref()?;
-                    let cgroup = if o.cgroup_id != 0 {
-                        o.cgroup_id
-                    } else {
-                        s.sock_cgroup_id
-                    };
-                    Some(OwnerView {
-                        pid: o.pid,
-                        comm: o.comm.clone(),
-                        container: ports.containers.lookup(cgroup),
-                    })
+                    let cgroup = if o.cgroup_id != 0 { o.cgroup_id } else { s.sock_cgroup_id };
+                    Some(OwnerView { pid: o.pid, comm: o.comm.clone(), container: ports.containers.lookup(cgroup) })
                 })
                 .collect();
             owners.sort();
             owners.dedup();
-            let first_seen = socks
-                .iter()
-                .map(|s| s.first_seen)
-                .min()
-                .unwrap_or(SystemTime::UNIX_EPOCH);
-            let source = if socks.iter().any(|s| s.source == Source::Event) {
-                Source::Event
-            } else {
-                Source::Snapshot
-            };
+            let first_seen = socks.iter().map(|s| s.first_seen).min().unwrap_or(SystemTime::UNIX_EPOCH);
+            let source = if socks.iter().any(|s| s.source == Source::Event) { Source::Event } else { Source::Snapshot };
             Entry {
                 proto,
                 family,
@@ -192,14 +170,9 @@ async fn one(
         }
     };
     let params = Params::parse(q.as_deref(), &["proto"])?;
-    let protos = params
-        .opt::<Proto>("proto", PROTO_EXPECTED)?
-        .map_or(Proto::ALL.to_vec(), |p| vec![p]);
+    let protos = params.opt::<Proto>("proto", PROTO_EXPECTED)?.map_or(Proto::ALL.to_vec(), |p| vec![p]);
     let table = st.ports.read();
-    let found: Vec<&Socket> = protos
-        .iter()
-        .flat_map(|p| table.map.sockets_on((*p, port)))
-        .collect();
+    let found: Vec<&Socket> = protos.iter().flat_map(|p| table.map.sockets_on((*p, port))).collect();
     let taken = protos.iter().any(|p| table.map.is_taken((*p, port)));
     let certain = table.status.certain();
     let mut body = json!({
@@ -210,8 +183,7 @@ async fn one(
         "entries": entries(&st.ports, found.into_iter()),
     });
     if !certain {
-        body["reason"] =
-            json!("the port map is not complete yet (starting, or resyncing after lost events)");
+        body["reason"] = json!("the port map is not complete yet (starting, or resyncing after lost events)");
     }
     Ok(Json(body).into_response())
 }
@@ -246,9 +218,7 @@ async fn free(State(st): State<AppState>, RawQuery(q): RawQuery) -> Result<Respo
             reason: format!("must not be below from ({from})"),
         });
     }
-    let count: usize = params
-        .opt("count", "a number from 1 to 65535")?
-        .unwrap_or(1);
+    let count: usize = params.opt("count", "a number from 1 to 65535")?.unwrap_or(1);
     if !(1..=65535).contains(&count) {
         return Err(ApiError::BadParam {
             param: "count",
@@ -256,9 +226,7 @@ async fn free(State(st): State<AppState>, RawQuery(q): RawQuery) -> Result<Respo
             reason: "expected a number from 1 to 65535".into(),
         });
     }
-    let proto = params
-        .opt::<FreeProto>("proto", "tcp, udp or both")?
-        .unwrap_or(FreeProto::Tcp);
+    let proto = params.opt::<FreeProto>("proto", "tcp, udp or both")?.unwrap_or(FreeProto::Tcp);
     let protos: &[Proto] = match proto {
         FreeProto::Tcp => &[Proto::Tcp],
         FreeProto::Udp => &[Proto::Udp],
@@ -267,13 +235,12 @@ async fn free(State(st): State<AppState>, RawQuery(q): RawQuery) -> Result<Respo
     let table = st.ports.read();
     if !table.status.certain() {
         return Err(ApiError::Unavailable(
-            "the port map is not complete yet (starting, or resyncing after lost events); no port can be promised free".into(),
+            "the port map is not complete yet (starting, or resyncing after lost events); no port can be promised free"
+                .into(),
         ));
     }
-    let free: Vec<u16> = (from..=to)
-        .filter(|p| protos.iter().all(|proto| !table.map.is_taken((*proto, *p))))
-        .take(count)
-        .collect();
+    let free: Vec<u16> =
+        (from..=to).filter(|p| protos.iter().all(|proto| !table.map.is_taken((*proto, *p)))).take(count).collect();
     Ok(Json(json!({ "from": from, "to": to, "ports": free })).into_response())
 }
 
@@ -290,18 +257,14 @@ async fn watch(
                 Ok(c) if filter.protos.contains(&c.proto) && filter.range.contains(&c.port) => Some(
                     SseEvent::default()
                         .event(c.change)
-                        .json_data(
-                            json!({"proto": c.proto, "port": c.port, "at": rfc3339_millis(c.at)}),
-                        )
+                        .json_data(json!({"proto": c.proto, "port": c.port, "at": rfc3339_millis(c.at)}))
                         .unwrap_or_default(),
                 ),
                 Ok(_) => None,
                 // The client fell behind: say so, so it can re-read the map.
-                Err(BroadcastStreamRecvError::Lagged(n)) => Some(
-                    SseEvent::default()
-                        .event("lagged")
-                        .data(json!({ "missed": n }).to_string()),
-                ),
+                Err(BroadcastStreamRecvError::Lagged(n)) => {
+                    Some(SseEvent::default().event("lagged").data(json!({ "missed": n }).to_string()))
+                }
             };
             std::future::ready(out.map(Ok))
         })

@@ -13,10 +13,7 @@ impl Params {
         let mut values = BTreeMap::new();
         for (k, v) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
             if !accepted.contains(&k.as_ref()) {
-                return Err(ApiError::UnknownParam {
-                    name: k.into_owned(),
-                    accepted: accepted.join(", "),
-                });
+                return Err(ApiError::UnknownParam { name: k.into_owned(), accepted: accepted.join(", ") });
             }
             if values.insert(k.to_string(), v.into_owned()).is_some() {
                 return Err(ApiError::DuplicateParam(k.into_owned()));
@@ -27,11 +24,7 @@ impl Params {
 
     /// An optional parameter parsed with `FromStr`; `expected` explains the
     /// accepted values in the error.
-    pub fn opt<T: FromStr>(
-        &self,
-        name: &'static str,
-        expected: &str,
-    ) -> Result<Option<T>, ApiError> {
+    pub fn opt<T: FromStr>(&self, name: &'static str, expected: &str) -> Result<Option<T>, ApiError> {
         self.values
             .get(name)
             .map(|v| {
@@ -45,8 +38,7 @@ impl Params {
     }
 
     pub fn req<T: FromStr>(&self, name: &'static str, expected: &str) -> Result<T, ApiError> {
-        self.opt(name, expected)?
-            .ok_or(ApiError::MissingParam(name))
+        self.opt(name, expected)?.ok_or(ApiError::MissingParam(name))
     }
 
     /// A port number, 1 to 65535.
@@ -69,30 +61,12 @@ mod tests {
 
     #[test]
     fn rejects_unknown_duplicate_and_bad_values() {
-        assert!(matches!(
-            Params::parse(Some("x=1"), &["a"]),
-            Err(ApiError::UnknownParam { .. })
-        ));
-        assert!(matches!(
-            Params::parse(Some("a=1&a=2"), &["a"]),
-            Err(ApiError::DuplicateParam(_))
-        ));
+        assert!(matches!(Params::parse(Some("x=1"), &["a"]), Err(ApiError::UnknownParam { .. })));
+        assert!(matches!(Params::parse(Some("a=1&a=2"), &["a"]), Err(ApiError::DuplicateParam(_))));
         let p = Params::parse(Some("a=70000&b=0&c=%41"), &["a", "b", "c"]).expect("parses");
-        assert!(matches!(
-            p.port("a"),
-            Err(ApiError::BadParam { param: "a", .. })
-        ));
-        assert!(matches!(
-            p.port("b"),
-            Err(ApiError::BadParam { param: "b", .. })
-        ));
-        assert_eq!(
-            p.opt::<String>("c", "text").ok().flatten().as_deref(),
-            Some("A")
-        );
-        assert!(matches!(
-            p.req::<u16>("d", "n"),
-            Err(ApiError::MissingParam("d"))
-        ));
+        assert!(matches!(p.port("a"), Err(ApiError::BadParam { param: "a", .. })));
+        assert!(matches!(p.port("b"), Err(ApiError::BadParam { param: "b", .. })));
+        assert_eq!(p.opt::<String>("c", "text").ok().flatten().as_deref(), Some("A"));
+        assert!(matches!(p.req::<u16>("d", "n"), Err(ApiError::MissingParam("d"))));
     }
 }

@@ -15,10 +15,7 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 /// The cgroup v2 mount: /sys/fs/cgroup on a unified host, /sys/fs/cgroup/unified
 /// on a hybrid one. The first of the two whose filesystem is cgroup2.
 pub fn find_root() -> Option<PathBuf> {
-    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| is_cgroup2(p))
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"].into_iter().map(PathBuf::from).find(|p| is_cgroup2(p))
 }
 
 pub fn is_cgroup2(path: &Path) -> bool {
@@ -40,10 +37,7 @@ pub fn container_id_of(dir_name: &str) -> Option<String> {
     let b = dir_name.as_bytes();
     let mut start = 0;
     while start + 64 <= b.len() {
-        let run = b[start..]
-            .iter()
-            .take_while(|c| c.is_ascii_hexdigit())
-            .count();
+        let run = b[start..].iter().take_while(|c| c.is_ascii_hexdigit()).count();
         if run >= 64 {
             return Some(dir_name[start..start + 64].to_ascii_lowercase());
         }
@@ -68,11 +62,7 @@ struct Index {
 
 impl ContainerIds {
     pub fn new(root: Option<PathBuf>) -> Self {
-        Self {
-            root,
-            inner: Mutex::new(Index::default()),
-            min_rewalk: Duration::from_secs(10),
-        }
+        Self { root, inner: Mutex::new(Index::default()), min_rewalk: Duration::from_secs(10) }
     }
 
     pub fn lookup(&self, cgroup_id: u64) -> Option<String> {

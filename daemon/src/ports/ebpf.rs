@@ -9,9 +9,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use polarstack_ebpf_common::{
-    EventKind, PortEvent, TrackedSocket, CONFIG_NETNS_COOKIE, MAP_CONFIG, MAP_EVENTS, MAP_LOST,
-    MAP_TRACKED, PROG_BIND4, PROG_BIND6, PROG_POST_BIND4, PROG_POST_BIND6, PROG_SET_STATE,
-    PROG_SOCK_OPS, PROG_SOCK_RELEASE, REUSE_OFF, REUSE_ON,
+    EventKind, PortEvent, TrackedSocket, CONFIG_NETNS_COOKIE, MAP_CONFIG, MAP_EVENTS, MAP_LOST, MAP_TRACKED,
+    PROG_BIND4, PROG_BIND6, PROG_POST_BIND4, PROG_POST_BIND6, PROG_SET_STATE, PROG_SOCK_OPS, PROG_SOCK_RELEASE,
+    REUSE_OFF, REUSE_ON,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -28,31 +28,15 @@ pub enum EbpfError {
     #[error("loading the eBPF object: {0}")]
     Load(#[source] aya::EbpfError),
     #[error("the eBPF object has no {kind} named {name}")]
-    Missing {
-        kind: &'static str,
-        name: &'static str,
-    },
+    Missing { kind: &'static str, name: &'static str },
     #[error("loading program {name} into the kernel: {source}")]
-    Program {
-        name: &'static str,
-        source: aya::programs::ProgramError,
-    },
+    Program { name: &'static str, source: aya::programs::ProgramError },
     #[error("attaching {name} to {target}: {source}")]
-    Attach {
-        name: &'static str,
-        target: String,
-        source: aya::programs::ProgramError,
-    },
+    Attach { name: &'static str, target: String, source: aya::programs::ProgramError },
     #[error("opening cgroup {path}: {source}")]
-    Cgroup {
-        path: String,
-        source: std::io::Error,
-    },
+    Cgroup { path: String, source: std::io::Error },
     #[error("eBPF map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
+    Map { name: &'static str, source: aya::maps::MapError },
     #[error("registering the ring buffer with tokio: {0}")]
     Poll(#[source] std::io::Error),
 }
@@ -76,10 +60,8 @@ pub struct Probes {
 
 impl Probes {
     pub fn load(opts: &EbpfOptions<'_>) -> Result<Self, EbpfError> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(MAP_EVENTS, opts.ring_bytes)
-            .load(OBJECT)
-            .map_err(EbpfError::Load)?;
+        let mut ebpf =
+            EbpfLoader::new().map_max_entries(MAP_EVENTS, opts.ring_bytes).load(OBJECT).map_err(EbpfError::Load)?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_logger(logger),
             Err(e) => tracing::debug!(error = %e, "eBPF program logs unavailable"),
@@ -88,59 +70,42 @@ impl Probes {
         let mut config: Array<_, u64> = take_map(&mut ebpf, MAP_CONFIG)?;
         config
             .set(CONFIG_NETNS_COOKIE, opts.netns_cookie, 0)
-            .map_err(|source| EbpfError::Map {
-                name: MAP_CONFIG,
-                source,
-            })?;
+            .map_err(|source| EbpfError::Map { name: MAP_CONFIG, source })?;
 
         let cgroup_path = opts.cgroup_root.display().to_string();
-        let cgroup = File::open(opts.cgroup_root).map_err(|source| EbpfError::Cgroup {
-            path: cgroup_path.clone(),
-            source,
-        })?;
+        let cgroup =
+            File::open(opts.cgroup_root).map_err(|source| EbpfError::Cgroup { path: cgroup_path.clone(), source })?;
         for name in [PROG_POST_BIND4, PROG_POST_BIND6, PROG_SOCK_RELEASE] {
             let prog: &mut CgroupSock = program(&mut ebpf, name)?;
-            prog.load()
-                .map_err(|source| EbpfError::Program { name, source })?;
+            prog.load().map_err(|source| EbpfError::Program { name, source })?;
             // Single: one bpf_link per program; links of other tools coexist.
-            prog.attach(cgroup.as_fd(), CgroupAttachMode::Single)
-                .map_err(|source| EbpfError::Attach {
-                    name,
-                    target: cgroup_path.clone(),
-                    source,
-                })?;
+            prog.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(|source| EbpfError::Attach {
+                name,
+                target: cgroup_path.clone(),
+                source,
+            })?;
         }
         // bind4/6 only learn SO_REUSEADDR before a bind; without them binds
         // are still reported, with the flag unknown (treated as blocking).
         for name in [PROG_BIND4, PROG_BIND6] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            let attached = prog.load().and_then(|()| {
-                prog.attach(cgroup.as_fd(), CgroupAttachMode::Single)
-                    .map(drop)
-            });
+            let attached = prog.load().and_then(|()| prog.attach(cgroup.as_fd(), CgroupAttachMode::Single).map(drop));
             if let Err(e) = attached {
                 tracing::warn!(program = name, error = %e, "not attached; SO_REUSEADDR of bound sockets stays unknown");
             }
         }
         let sock_ops: &mut SockOps = program(&mut ebpf, PROG_SOCK_OPS)?;
-        sock_ops.load().map_err(|source| EbpfError::Program {
+        sock_ops.load().map_err(|source| EbpfError::Program { name: PROG_SOCK_OPS, source })?;
+        sock_ops.attach(cgroup.as_fd(), CgroupAttachMode::Single).map_err(|source| EbpfError::Attach {
             name: PROG_SOCK_OPS,
+            target: cgroup_path.clone(),
             source,
         })?;
-        sock_ops
-            .attach(cgroup.as_fd(), CgroupAttachMode::Single)
-            .map_err(|source| EbpfError::Attach {
-                name: PROG_SOCK_OPS,
-                target: cgroup_path.clone(),
-                source,
-            })?;
         // The tracepoint only adds hints (a failed connect freeing its port
         // early); without tracefs the resync still catches those, so it is
         // optional rather than a reason to drop eBPF altogether.
         let tp: &mut TracePoint = program(&mut ebpf, PROG_SET_STATE)?;
-        let attached = tp
-            .load()
-            .and_then(|()| tp.attach("sock", "inet_sock_set_state").map(drop));
+        let attached = tp.load().and_then(|()| tp.attach("sock", "inet_sock_set_state").map(drop));
         if let Err(e) = attached {
             tracing::warn!(
                 error = %e,
@@ -160,10 +125,7 @@ impl Probes {
 
     /// Events the kernel could not queue since load (ring buffer full).
     pub fn lost_events(&self) -> u64 {
-        self.lost
-            .get(&0, 0)
-            .map(|per_cpu| per_cpu.iter().sum())
-            .unwrap_or(0)
+        self.lost.get(&0, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
     }
 
     /// Tells the kernel about a socket the hooks never saw (it predates the
@@ -179,21 +141,14 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, E
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program>,
 {
-    ebpf.program_mut(name)
-        .and_then(|p| p.try_into().ok())
-        .ok_or(EbpfError::Missing {
-            kind: "program",
-            name,
-        })
+    ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(EbpfError::Missing { kind: "program", name })
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, EbpfError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf
-        .take_map(name)
-        .ok_or(EbpfError::Missing { kind: "map", name })?;
+    let map = ebpf.take_map(name).ok_or(EbpfError::Missing { kind: "map", name })?;
     T::try_from(map).map_err(|source| EbpfError::Map { name, source })
 }
 
@@ -231,11 +186,7 @@ pub fn decode(raw: &[u8]) -> Option<Event> {
     let kind = EventKind::from_u8(e.kind)?;
     let proto = Proto::from_ipproto(e.proto)?;
     let family = Family::from_af(e.family)?;
-    let owner = (e.pid != 0).then(|| Owner {
-        pid: e.pid,
-        comm: comm_to_string(&e.comm),
-        cgroup_id: e.cgroup_id,
-    });
+    let owner = (e.pid != 0).then(|| Owner { pid: e.pid, comm: comm_to_string(&e.comm), cgroup_id: e.cgroup_id });
     Some(Event {
         kind,
         ts_ns: e.ts_ns,

@@ -16,7 +16,7 @@ use std::{
     time::SystemTime,
 };
 
-use polarstack_ebpf_common::{EventKind, TrackedSocket, TCP_CLOSE, TCP_LISTEN};
+use polarstack_ebpf_common::{EventKind, TrackedSocket, TCP_LISTEN};
 
 use super::model::{Family, Owner, Proto, SockState, Socket, Source};
 
@@ -52,19 +52,73 @@ pub struct DumpedSocket {
     pub cgroup_id: u64,
 }
 
-/// Which ports a dump covered: everything, or a set of ports (a verification).
+/// A set of the kernel's socket tables, as a dump walks them. What each
+/// costs on a host with N connections (measured, `cargo xtask bench ports`):
+/// the TCP listening hash and the UDP tables well under a millisecond; TCP's
+/// bound-but-inactive walk and its established hash grow with N.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tables(u8);
+
+impl Tables {
+    pub const NONE: Tables = Tables(0);
+    /// TCP listeners.
+    pub const LISTEN: Tables = Tables(1);
+    /// TCP sockets bound but neither listening nor connected (kernel 6.5+).
+    pub const BOUND: Tables = Tables(2);
+    /// UDP sockets.
+    pub const UDP: Tables = Tables(4);
+    /// TCP's established hash: connected, closing and TIME_WAIT sockets.
+    pub const CONNECTED: Tables = Tables(8);
+    pub const ALL: Tables = Tables(15);
+
+    pub fn union(self, other: Tables) -> Tables {
+        Tables(self.0 | other.0)
+    }
+
+    pub fn contains(self, other: Tables) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    pub fn intersects(self, other: Tables) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    /// The table a socket in this protocol and state lives in.
+    pub fn of(proto: Proto, state: SockState) -> Tables {
+        match (proto, state) {
+            (Proto::Udp, _) => Tables::UDP,
+            (Proto::Tcp, SockState::Listen) => Tables::LISTEN,
+            (Proto::Tcp, SockState::Bound) => Tables::BOUND,
+            (Proto::Tcp, _) => Tables::CONNECTED,
+        }
+    }
+}
+
+/// What a dump covered: some tables, for every port or for some.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Scope {
-    All,
-    Ports(BTreeSet<PortKey>),
+pub struct Scope {
+    pub tables: Tables,
+    pub ports: Option<BTreeSet<PortKey>>,
 }
 
 impl Scope {
-    pub fn contains(&self, key: &PortKey) -> bool {
-        match self {
-            Scope::All => true,
-            Scope::Ports(set) => set.contains(key),
-        }
+    /// Every socket: start-up, lost events, the slow periodic resync.
+    pub const FULL: Scope = Scope { tables: Tables::ALL, ports: None };
+    /// Listeners and UDP sockets, the cheap tables: the fast periodic resync.
+    pub const FAST: Scope = Scope { tables: Tables(Tables::LISTEN.0 | Tables::UDP.0), ports: None };
+
+    /// Verification of possibly freed ports in the tables their sockets were in.
+    pub fn ports(keys: BTreeSet<PortKey>, tables: Tables) -> Self {
+        Scope { tables, ports: Some(keys) }
+    }
+
+    pub fn has_port(&self, key: &PortKey) -> bool {
+        self.ports.as_ref().is_none_or(|set| set.contains(key))
+    }
+
+    /// Whether the dump would have shown this socket if it still existed.
+    pub fn covers(&self, s: &Socket) -> bool {
+        self.has_port(&(s.proto, s.port)) && self.tables.contains(Tables::of(s.proto, s.state))
     }
 }
 
@@ -88,8 +142,8 @@ pub enum Change {
 pub enum EventEffect {
     /// Nothing more to do.
     Applied,
-    /// The port may have been freed: verify it with a dump.
-    Verify(PortKey),
+    /// The port may have been freed: verify it with a dump of these tables.
+    Verify(PortKey, Tables),
     /// The event did not describe a usable socket (e.g. port 0 before an
     /// IP_BIND_ADDRESS_NO_PORT connect); the later event will.
     Ignored,
@@ -138,31 +192,17 @@ impl PortMap {
     }
 
     /// Taken ports of `proto` within `range`, ascending.
-    pub fn taken_in(
-        &self,
-        proto: Proto,
-        range: RangeInclusive<u16>,
-    ) -> impl Iterator<Item = u16> + '_ {
-        self.blocking
-            .range((proto, *range.start())..=(proto, *range.end()))
-            .map(|((_, port), _)| *port)
+    pub fn taken_in(&self, proto: Proto, range: RangeInclusive<u16>) -> impl Iterator<Item = u16> + '_ {
+        self.blocking.range((proto, *range.start())..=(proto, *range.end())).map(|((_, port), _)| *port)
     }
 
     /// The sockets on one port.
     pub fn sockets_on(&self, key: PortKey) -> impl Iterator<Item = &Socket> + '_ {
-        self.by_port
-            .get(&key)
-            .into_iter()
-            .flatten()
-            .filter_map(|c| self.sockets.get(c))
+        self.by_port.get(&key).into_iter().flatten().filter_map(|c| self.sockets.get(c))
     }
 
     /// Sockets of `proto` with ports in `range`, by port.
-    pub fn sockets_in(
-        &self,
-        proto: Proto,
-        range: RangeInclusive<u16>,
-    ) -> impl Iterator<Item = &Socket> + '_ {
+    pub fn sockets_in(&self, proto: Proto, range: RangeInclusive<u16>) -> impl Iterator<Item = &Socket> + '_ {
         self.by_port
             .range((proto, *range.start())..=(proto, *range.end()))
             .flat_map(|(_, cookies)| cookies.iter())
@@ -177,8 +217,7 @@ impl PortMap {
     /// reported; only for sockets whose close frees the port at once.
     pub fn tracking_record(&self, cookie: u64) -> Option<TrackedSocket> {
         let s = self.sockets.get(&cookie)?;
-        let frees_on_close =
-            s.proto == Proto::Udp || matches!(s.state, SockState::Listen | SockState::Bound);
+        let frees_on_close = s.proto == Proto::Udp || matches!(s.state, SockState::Listen | SockState::Bound);
         frees_on_close.then(|| TrackedSocket {
             port: s.port,
             family: s.family.af(),
@@ -187,12 +226,7 @@ impl PortMap {
         })
     }
 
-    pub fn apply_event(
-        &mut self,
-        ev: &Event,
-        now: SystemTime,
-        changes: &mut Vec<Change>,
-    ) -> EventEffect {
+    pub fn apply_event(&mut self, ev: &Event, now: SystemTime, changes: &mut Vec<Change>) -> EventEffect {
         let key = (ev.proto, ev.port);
         match ev.kind {
             EventKind::Bind | EventKind::Listen | EventKind::Connect => {
@@ -224,21 +258,30 @@ impl PortMap {
                 EventEffect::Applied
             }
             EventKind::Release => {
-                // The hook runs as close() begins: the port may still be held
-                // (or held on by TIME_WAIT), so only a later dump may drop it.
+                // The hook runs as close() begins: the port may still be held,
+                // so only a later dump may drop it. A connected socket's port
+                // outlives the close (FIN_WAIT, TIME_WAIT): the slow resync
+                // of the established hash sees it go; no dump now.
                 if let Some(s) = self.sockets.get_mut(&ev.cookie) {
                     s.last_event_ns = s.last_event_ns.max(ev.ts_ns);
-                    return EventEffect::Verify((s.proto, s.port));
+                    let table = Tables::of(s.proto, s.state);
+                    if table == Tables::CONNECTED {
+                        return EventEffect::Applied;
+                    }
+                    return EventEffect::Verify((s.proto, s.port), table);
                 }
-                EventEffect::Verify(key)
+                let tables = match ev.proto {
+                    Proto::Tcp => Tables::LISTEN.union(Tables::BOUND),
+                    Proto::Udp => Tables::UDP,
+                };
+                EventEffect::Verify(key, tables)
             }
             EventKind::State => {
-                // A TCP socket left LISTEN or reached CLOSE somewhere on the
-                // host (the tracepoint cannot tell the namespace). Only a port
-                // we hold can become free, so others need no dump.
-                let frees = ev.old_state == TCP_LISTEN || ev.new_state == TCP_CLOSE;
-                if frees && self.by_port.contains_key(&key) {
-                    EventEffect::Verify(key)
+                // A TCP socket left LISTEN somewhere on the host (the
+                // tracepoint cannot tell the namespace). Only a port we hold
+                // can become free, so others need no dump.
+                if ev.old_state == TCP_LISTEN && self.by_port.contains_key(&key) {
+                    EventEffect::Verify(key, Tables::LISTEN)
                 } else {
                     EventEffect::Ignored
                 }
@@ -248,16 +291,11 @@ impl PortMap {
 
     /// Merges a dump: it is the truth for everything that happened before it
     /// started; sockets touched by events since then are left as they are.
-    pub fn apply_snapshot(
-        &mut self,
-        snap: &Snapshot,
-        now: SystemTime,
-        changes: &mut Vec<Change>,
-    ) -> MergeStats {
+    pub fn apply_snapshot(&mut self, snap: &Snapshot, now: SystemTime, changes: &mut Vec<Change>) -> MergeStats {
         let mut stats = MergeStats::default();
         let mut seen = HashSet::with_capacity(snap.sockets.len());
         for d in &snap.sockets {
-            if !snap.scope.contains(&(d.proto, d.port)) || d.port == 0 {
+            if !snap.scope.has_port(&(d.proto, d.port)) || d.port == 0 {
                 continue;
             }
             seen.insert(d.cookie);
@@ -266,13 +304,8 @@ impl PortMap {
                     s.sock_cgroup_id = d.cgroup_id;
                     if s.last_event_ns < snap.started_ns {
                         // The dump is newer than anything the events said.
-                        let updated = Socket {
-                            state: d.state,
-                            addr: d.addr,
-                            port: d.port,
-                            family: d.family,
-                            ..s.clone()
-                        };
+                        let updated =
+                            Socket { state: d.state, addr: d.addr, port: d.port, family: d.family, ..s.clone() };
                         self.upsert(updated, changes);
                     }
                 }
@@ -298,20 +331,15 @@ impl PortMap {
                 }
             }
         }
-        let candidates: Vec<u64> = match &snap.scope {
-            Scope::All => self.sockets.keys().copied().collect(),
-            Scope::Ports(keys) => keys
-                .iter()
-                .filter_map(|k| self.by_port.get(k))
-                .flatten()
-                .copied()
-                .collect(),
+        let candidates: Vec<u64> = match &snap.scope.ports {
+            None => self.sockets.keys().copied().collect(),
+            Some(keys) => keys.iter().filter_map(|k| self.by_port.get(k)).flatten().copied().collect(),
         };
         for cookie in candidates {
             let stale = self
                 .sockets
                 .get(&cookie)
-                .is_some_and(|s| s.last_event_ns < snap.started_ns && !seen.contains(&cookie));
+                .is_some_and(|s| s.last_event_ns < snap.started_ns && !seen.contains(&cookie) && snap.scope.covers(s));
             if stale {
                 self.remove(cookie, changes);
                 stats.removed += 1;
@@ -419,11 +447,7 @@ mod tests {
             family: Family::Ipv4,
             addr: ANY4,
             port,
-            owner: Some(Owner {
-                pid: 42,
-                comm: "postgres".into(),
-                cgroup_id: 7,
-            }),
+            owner: Some(Owner { pid: 42, comm: "postgres".into(), cgroup_id: 7 }),
             old_state: 0,
             new_state: 0,
             reuse: None,
@@ -431,23 +455,11 @@ mod tests {
     }
 
     fn dumped(cookie: u64, port: u16, state: SockState) -> DumpedSocket {
-        DumpedSocket {
-            cookie,
-            proto: Proto::Tcp,
-            family: Family::Ipv4,
-            addr: ANY4,
-            port,
-            state,
-            cgroup_id: 0,
-        }
+        DumpedSocket { cookie, proto: Proto::Tcp, family: Family::Ipv4, addr: ANY4, port, state, cgroup_id: 0 }
     }
 
     fn snap(started_ns: u64, scope: Scope, sockets: Vec<DumpedSocket>) -> Snapshot {
-        Snapshot {
-            started_ns,
-            scope,
-            sockets,
-        }
+        Snapshot { started_ns, scope, sockets }
     }
 
     fn now() -> SystemTime {
@@ -458,18 +470,12 @@ mod tests {
     fn bind_takes_port_and_release_only_asks_for_verification() {
         let mut m = PortMap::new();
         let mut ch = vec![];
-        assert_eq!(
-            m.apply_event(&ev(EventKind::Bind, 1, 5432, 10), now(), &mut ch),
-            EventEffect::Applied
-        );
+        assert_eq!(m.apply_event(&ev(EventKind::Bind, 1, 5432, 10), now(), &mut ch), EventEffect::Applied);
         assert_eq!(ch, vec![Change::Taken((Proto::Tcp, 5432))]);
         ch.clear();
         let eff = m.apply_event(&ev(EventKind::Release, 1, 5432, 20), now(), &mut ch);
-        assert_eq!(eff, EventEffect::Verify((Proto::Tcp, 5432)));
-        assert!(
-            m.is_taken((Proto::Tcp, 5432)),
-            "release alone must not free the port"
-        );
+        assert_eq!(eff, EventEffect::Verify((Proto::Tcp, 5432), Tables::BOUND));
+        assert!(m.is_taken((Proto::Tcp, 5432)), "release alone must not free the port");
         assert!(ch.is_empty());
     }
 
@@ -481,11 +487,7 @@ mod tests {
         m.apply_event(&ev(EventKind::Release, 1, 5432, 20), now(), &mut ch);
         ch.clear();
         let key = (Proto::Tcp, 5432);
-        let stats = m.apply_snapshot(
-            &snap(30, Scope::Ports([key].into()), vec![]),
-            now(),
-            &mut ch,
-        );
+        let stats = m.apply_snapshot(&snap(30, Scope::ports([key].into(), Tables::BOUND), vec![]), now(), &mut ch);
         assert_eq!(stats.removed, 1);
         assert!(!m.is_taken(key));
         assert_eq!(ch, vec![Change::Freed(key)]);
@@ -498,7 +500,9 @@ mod tests {
         let mut m = PortMap::new();
         let mut ch = vec![];
         m.apply_event(&ev(EventKind::Bind, 1, 5432, 10), now(), &mut ch);
-        let stats = m.apply_snapshot(&snap(5, Scope::All, vec![]), now(), &mut ch);
+        let stats = m.apply_snapshot(&snap(5, Scope::FULL, vec![]), now(), &mut ch);
+        assert_eq!(stats.removed, 0);
+        let stats = m.apply_snapshot(&snap(5, Scope::FAST, vec![]), now(), &mut ch);
         assert_eq!(stats.removed, 0);
         assert!(m.is_taken((Proto::Tcp, 5432)));
     }
@@ -509,9 +513,9 @@ mod tests {
         let mut ch = vec![];
         m.apply_event(&ev(EventKind::Bind, 1, 5432, 10), now(), &mut ch);
         m.apply_event(&ev(EventKind::Release, 1, 5432, 20), now(), &mut ch);
-        m.apply_snapshot(&snap(15, Scope::All, vec![]), now(), &mut ch);
+        m.apply_snapshot(&snap(15, Scope::FULL, vec![]), now(), &mut ch);
         assert!(m.is_taken((Proto::Tcp, 5432)));
-        m.apply_snapshot(&snap(25, Scope::All, vec![]), now(), &mut ch);
+        m.apply_snapshot(&snap(25, Scope::FULL, vec![]), now(), &mut ch);
         assert!(!m.is_taken((Proto::Tcp, 5432)));
     }
 
@@ -523,27 +527,14 @@ mod tests {
         m.apply_event(&ev(EventKind::Release, 9, 40000, 20), now(), &mut ch);
         let key = (Proto::Tcp, 40000);
         m.apply_snapshot(
-            &snap(
-                30,
-                Scope::Ports([key].into()),
-                vec![dumped(9, 40000, SockState::TimeWait)],
-            ),
+            &snap(30, Scope::ports([key].into(), Tables::ALL), vec![dumped(9, 40000, SockState::TimeWait)]),
             now(),
             &mut ch,
         );
         assert!(m.is_taken(key));
-        assert_eq!(
-            m.sockets_on(key).next().map(|s| s.state),
-            Some(SockState::TimeWait)
-        );
+        assert_eq!(m.sockets_on(key).next().map(|s| s.state), Some(SockState::TimeWait));
         // The owner learned from the connect event survives the dump.
-        assert_eq!(
-            m.sockets_on(key)
-                .next()
-                .and_then(|s| s.owner.as_ref())
-                .map(|o| o.pid),
-            Some(42)
-        );
+        assert_eq!(m.sockets_on(key).next().and_then(|s| s.owner.as_ref()).map(|o| o.pid), Some(42));
     }
 
     #[test]
@@ -551,32 +542,15 @@ mod tests {
         let mut m = PortMap::new();
         let mut ch = vec![];
         let stats = m.apply_snapshot(
-            &snap(
-                1,
-                Scope::All,
-                vec![
-                    dumped(3, 22, SockState::Listen),
-                    dumped(4, 22, SockState::Established),
-                ],
-            ),
+            &snap(1, Scope::FULL, vec![dumped(3, 22, SockState::Listen), dumped(4, 22, SockState::Established)]),
             now(),
             &mut ch,
         );
         assert_eq!(stats.added, vec![3, 4]);
-        assert_eq!(
-            ch,
-            vec![Change::Taken((Proto::Tcp, 22))],
-            "one port, one change"
-        );
+        assert_eq!(ch, vec![Change::Taken((Proto::Tcp, 22))], "one port, one change");
         assert_eq!(m.get(3).map(|s| s.source), Some(Source::Snapshot));
-        assert!(
-            m.tracking_record(3).is_some(),
-            "a listener's close frees its port: track it"
-        );
-        assert!(
-            m.tracking_record(4).is_none(),
-            "a connection's close leaves TIME_WAIT: no need"
-        );
+        assert!(m.tracking_record(3).is_some(), "a listener's close frees its port: track it");
+        assert!(m.tracking_record(4).is_none(), "a connection's close leaves TIME_WAIT: no need");
     }
 
     #[test]
@@ -584,19 +558,12 @@ mod tests {
         let mut m = PortMap::new();
         let mut ch = vec![];
         m.apply_snapshot(
-            &snap(
-                1,
-                Scope::All,
-                vec![
-                    dumped(3, 22, SockState::Listen),
-                    dumped(5, 80, SockState::Listen),
-                ],
-            ),
+            &snap(1, Scope::FULL, vec![dumped(3, 22, SockState::Listen), dumped(5, 80, SockState::Listen)]),
             now(),
             &mut ch,
         );
         let key = (Proto::Tcp, 80);
-        let stats = m.apply_snapshot(&snap(2, Scope::Ports([key].into()), vec![]), now(), &mut ch);
+        let stats = m.apply_snapshot(&snap(2, Scope::ports([key].into(), Tables::LISTEN), vec![]), now(), &mut ch);
         assert_eq!(stats.removed, 1);
         assert!(m.is_taken((Proto::Tcp, 22)));
         assert!(!m.is_taken(key));
@@ -610,11 +577,7 @@ mod tests {
         m.apply_event(&ev(EventKind::Listen, 2, 6000, 11), now(), &mut ch);
         let key = (Proto::Tcp, 6000);
         m.apply_snapshot(
-            &snap(
-                20,
-                Scope::Ports([key].into()),
-                vec![dumped(2, 6000, SockState::Listen)],
-            ),
+            &snap(20, Scope::ports([key].into(), Tables::LISTEN), vec![dumped(2, 6000, SockState::Listen)]),
             now(),
             &mut ch,
         );
@@ -626,10 +589,7 @@ mod tests {
     fn port_zero_binds_are_ignored_until_a_port_is_known() {
         let mut m = PortMap::new();
         let mut ch = vec![];
-        assert_eq!(
-            m.apply_event(&ev(EventKind::Bind, 1, 0, 10), now(), &mut ch),
-            EventEffect::Ignored
-        );
+        assert_eq!(m.apply_event(&ev(EventKind::Bind, 1, 0, 10), now(), &mut ch), EventEffect::Ignored);
         assert!(m.is_empty());
     }
 
@@ -638,13 +598,30 @@ mod tests {
         let mut m = PortMap::new();
         let mut ch = vec![];
         let mut hint = ev(EventKind::State, 0, 7000, 10);
-        hint.new_state = TCP_CLOSE;
+        hint.old_state = TCP_LISTEN;
         assert_eq!(m.apply_event(&hint, now(), &mut ch), EventEffect::Ignored);
-        m.apply_event(&ev(EventKind::Connect, 1, 7000, 5), now(), &mut ch);
-        assert_eq!(
-            m.apply_event(&hint, now(), &mut ch),
-            EventEffect::Verify((Proto::Tcp, 7000))
+        m.apply_event(&ev(EventKind::Listen, 1, 7000, 5), now(), &mut ch);
+        assert_eq!(m.apply_event(&hint, now(), &mut ch), EventEffect::Verify((Proto::Tcp, 7000), Tables::LISTEN));
+    }
+
+    #[test]
+    fn closing_a_connection_waits_for_the_established_table() {
+        let mut m = PortMap::new();
+        let mut ch = vec![];
+        let key = (Proto::Tcp, 40001);
+        m.apply_event(&ev(EventKind::Connect, 5, 40001, 10), now(), &mut ch);
+        assert_eq!(m.apply_event(&ev(EventKind::Release, 5, 40001, 20), now(), &mut ch), EventEffect::Applied);
+        // Dumps of the cheap tables cannot see connected sockets: they keep them.
+        m.apply_snapshot(&snap(30, Scope::FAST, vec![]), now(), &mut ch);
+        m.apply_snapshot(
+            &snap(30, Scope::ports([key].into(), Tables::LISTEN.union(Tables::BOUND)), vec![]),
+            now(),
+            &mut ch,
         );
+        assert!(m.is_taken(key));
+        // The established table's dump does.
+        m.apply_snapshot(&snap(40, Scope::FULL, vec![]), now(), &mut ch);
+        assert!(!m.is_taken(key));
     }
 
     #[test]
@@ -655,10 +632,7 @@ mod tests {
         let mut bind = ev(EventKind::Bind, 1, 8000, 10);
         bind.reuse = Some(true);
         m.apply_event(&bind, now(), &mut ch);
-        assert!(
-            !m.is_taken(key),
-            "a SO_REUSEADDR listener could still bind here"
-        );
+        assert!(!m.is_taken(key), "a SO_REUSEADDR listener could still bind here");
         assert_eq!(m.sockets_on(key).count(), 1, "but the socket is listed");
         assert!(ch.is_empty());
         // It starts listening: now it blocks.
@@ -669,27 +643,12 @@ mod tests {
         assert_eq!(ch, vec![Change::Taken(key)]);
         // A dump that cannot tell the flag keeps what the event said.
         ch.clear();
-        m.apply_snapshot(
-            &snap(
-                30,
-                Scope::All,
-                vec![dumped(1, 8000, SockState::Established)],
-            ),
-            now(),
-            &mut ch,
-        );
+        m.apply_snapshot(&snap(30, Scope::FULL, vec![dumped(1, 8000, SockState::Established)]), now(), &mut ch);
         assert_eq!(m.get(1).and_then(|s| s.reuse), Some(true));
-        assert!(
-            !m.is_taken(key),
-            "established with SO_REUSEADDR: not blocking"
-        );
+        assert!(!m.is_taken(key), "established with SO_REUSEADDR: not blocking");
         assert_eq!(ch, vec![Change::Freed(key)]);
         // Unknown flag (a socket only a dump saw) counts as blocking.
-        m.apply_snapshot(
-            &snap(40, Scope::All, vec![dumped(2, 8001, SockState::Bound)]),
-            now(),
-            &mut ch,
-        );
+        m.apply_snapshot(&snap(40, Scope::FULL, vec![dumped(2, 8001, SockState::Bound)]), now(), &mut ch);
         assert!(m.is_taken((Proto::Tcp, 8001)));
     }
 
@@ -702,9 +661,6 @@ mod tests {
         m.apply_event(&udp, now(), &mut ch);
         assert!(m.is_taken((Proto::Udp, 53)));
         assert!(!m.is_taken((Proto::Tcp, 53)));
-        assert_eq!(
-            m.taken_in(Proto::Udp, 1..=100).collect::<Vec<_>>(),
-            vec![53]
-        );
+        assert_eq!(m.taken_in(Proto::Udp, 1..=100).collect::<Vec<_>>(), vec![53]);
     }
 }

@@ -6,7 +6,11 @@ use std::{
 
 use polarstack_ebpf_common::EventKind;
 
-use super::{map::MergeStats, model::Proto, Mode, PortTable};
+use super::{
+    map::{MergeStats, Scope, Tables},
+    model::Proto,
+    Mode, PortTable,
+};
 use crate::telemetry::{write_metric, MetricKind};
 
 const KINDS: [(EventKind, &str); 5] = [
@@ -23,6 +27,7 @@ pub struct PortMetrics {
     foreign: AtomicU64,
     lost: AtomicU64,
     dumps_full: AtomicU64,
+    dumps_fast: AtomicU64,
     dumps_ports: AtomicU64,
     dump_errors: AtomicU64,
     repairs_added: AtomicU64,
@@ -53,29 +58,25 @@ impl PortMetrics {
         self.lost.load(Relaxed)
     }
 
-    /// Full dumps count what they found different from the map as repairs;
-    /// targeted dumps are the normal way releases are confirmed, so not.
-    pub fn record_dump(&self, full: bool, repair: bool, stats: &MergeStats, took: Duration) {
+    /// Periodic dumps count what they found different from the map as
+    /// repairs; targeted dumps are how releases are confirmed, so not.
+    pub fn record_dump(&self, scope: &Scope, repair: bool, stats: &MergeStats, took: Duration) {
         if repair {
-            self.repairs_added
-                .fetch_add(stats.added.len() as u64, Relaxed);
-            self.repairs_removed
-                .fetch_add(stats.removed as u64, Relaxed);
+            self.repairs_added.fetch_add(stats.added.len() as u64, Relaxed);
+            self.repairs_removed.fetch_add(stats.removed as u64, Relaxed);
         }
-        if full {
-            self.dumps_full.fetch_add(1, Relaxed);
-            self.last_full_dump_ns
-                .store(took.as_nanos() as u64, Relaxed);
-        } else {
+        if scope.ports.is_some() {
             self.dumps_ports.fetch_add(1, Relaxed);
+        } else if scope.tables == Tables::ALL {
+            self.last_full_dump_ns.store(took.as_nanos() as u64, Relaxed);
+            self.dumps_full.fetch_add(1, Relaxed);
+        } else {
+            self.dumps_fast.fetch_add(1, Relaxed);
         }
     }
 
     pub fn repairs(&self) -> (u64, u64) {
-        (
-            self.repairs_added.load(Relaxed),
-            self.repairs_removed.load(Relaxed),
-        )
+        (self.repairs_added.load(Relaxed), self.repairs_removed.load(Relaxed))
     }
 
     pub fn render(&self, table: &PortTable, out: &mut String) {
@@ -83,20 +84,9 @@ impl PortMetrics {
         let events: Vec<_> = KINDS
             .iter()
             .enumerate()
-            .map(|(i, (_, name))| {
-                (
-                    format!("kind=\"{name}\""),
-                    self.events[i].load(Relaxed) as f64,
-                )
-            })
+            .map(|(i, (_, name))| (format!("kind=\"{name}\""), self.events[i].load(Relaxed) as f64))
             .collect();
-        write_metric(
-            out,
-            "polarstack_ports_events_total",
-            "eBPF events received, by hook.",
-            Counter,
-            &events,
-        );
+        write_metric(out, "polarstack_ports_events_total", "eBPF events received, by hook.", Counter, &events);
         let one = |v: u64| [(String::new(), v as f64)];
         write_metric(
             out,
@@ -115,17 +105,12 @@ impl PortMetrics {
         write_metric(
             out,
             "polarstack_ports_dumps_total",
-            "sock_diag dumps, by scope (full resync, or targeted verification).",
+            "sock_diag dumps, by scope: full (every table), fast (listeners and UDP), ports (verification).",
             Counter,
             &[
-                (
-                    "scope=\"full\"".into(),
-                    self.dumps_full.load(Relaxed) as f64,
-                ),
-                (
-                    "scope=\"ports\"".into(),
-                    self.dumps_ports.load(Relaxed) as f64,
-                ),
+                ("scope=\"full\"".into(), self.dumps_full.load(Relaxed) as f64),
+                ("scope=\"fast\"".into(), self.dumps_fast.load(Relaxed) as f64),
+                ("scope=\"ports\"".into(), self.dumps_ports.load(Relaxed) as f64),
             ],
         );
         write_metric(
@@ -139,22 +124,16 @@ impl PortMetrics {
         write_metric(
             out,
             "polarstack_ports_resync_repairs_total",
-            "Sockets a full resync found missing from (added) or stale in (removed) the map.",
+            "Sockets a periodic resync found missing from (added) or stale in (removed) the map.",
             Counter,
-            &[
-                ("kind=\"added\"".into(), added as f64),
-                ("kind=\"removed\"".into(), removed as f64),
-            ],
+            &[("kind=\"added\"".into(), added as f64), ("kind=\"removed\"".into(), removed as f64)],
         );
         write_metric(
             out,
             "polarstack_ports_last_full_dump_seconds",
             "Duration of the last full sock_diag dump.",
             Gauge,
-            &[(
-                String::new(),
-                self.last_full_dump_ns.load(Relaxed) as f64 / 1e9,
-            )],
+            &[(String::new(), self.last_full_dump_ns.load(Relaxed) as f64 / 1e9)],
         );
         write_metric(
             out,
@@ -163,17 +142,9 @@ impl PortMetrics {
             Gauge,
             &one(table.map.len() as u64),
         );
-        let taken: Vec<_> = Proto::ALL
-            .iter()
-            .map(|p| (format!("proto=\"{p}\""), table.map.taken_count(*p) as f64))
-            .collect();
-        write_metric(
-            out,
-            "polarstack_ports_taken",
-            "Distinct taken ports.",
-            Gauge,
-            &taken,
-        );
+        let taken: Vec<_> =
+            Proto::ALL.iter().map(|p| (format!("proto=\"{p}\""), table.map.taken_count(*p) as f64)).collect();
+        write_metric(out, "polarstack_ports_taken", "Distinct taken ports.", Gauge, &taken);
         let (ebpf, snapshot) = match table.status.mode {
             Mode::Ebpf => (1.0, 0.0),
             Mode::SnapshotOnly { .. } => (0.0, 1.0),
@@ -183,10 +154,7 @@ impl PortMetrics {
             "polarstack_ports_mode",
             "How the port map is fed: 1 for the active mode (snapshot-only means degraded).",
             Gauge,
-            &[
-                ("mode=\"ebpf\"".into(), ebpf),
-                ("mode=\"snapshot-only\"".into(), snapshot),
-            ],
+            &[("mode=\"ebpf\"".into(), ebpf), ("mode=\"snapshot-only\"".into(), snapshot)],
         );
         write_metric(
             out,

@@ -11,8 +11,14 @@
 //! - an event that may free a port (release, a socket leaving LISTEN or
 //!   reaching CLOSE) queues that port for a targeted dump a few milliseconds
 //!   later, and only that dump removes it (see `map.rs` for the rule);
-//! - a full dump every `resync_interval` catches what no hook sees (UDP
-//!   autobind, TIME_WAIT expiry) and counts what it had to repair;
+//! - a port that may have been freed is verified by a dump of only the table
+//!   its socket lived in (listeners, bound, or UDP); closing a connection
+//!   needs none, since its port lingers in FIN_WAIT or TIME_WAIT anyway;
+//! - periodic dumps catch what no hook sees and count what they repair: the
+//!   listener and UDP tables every `resync_interval` (UDP autobind; well under
+//!   a millisecond however busy the host), and every table every
+//!   `connected_resync_interval` (TIME_WAIT expiry, connections; the bind and
+//!   established hashes cost about a microsecond per connection to walk);
 //! - events lost in a full ring buffer mark the map stale and force a full
 //!   dump at once; while stale, nothing is reported free.
 pub mod cgroup;
@@ -41,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::{
     cgroup::ContainerIds,
-    map::{Change, EventEffect, PortKey, PortMap, Scope, Snapshot},
+    map::{Change, EventEffect, PortKey, PortMap, Scope, Snapshot, Tables},
     metrics::PortMetrics,
     model::Proto,
     netns::monotonic_ns,
@@ -51,8 +57,11 @@ use self::{
 /// Settings of the ports domain (from flags).
 #[derive(Clone, Debug)]
 pub struct PortsConfig {
-    /// Period of full dumps while eBPF events flow.
+    /// Period of dumps of the listener, bound and UDP tables while eBPF
+    /// events flow.
     pub resync_interval: Duration,
+    /// Period of full dumps (with TCP's established hash) while eBPF events flow.
+    pub connected_resync_interval: Duration,
     /// Period of full dumps when eBPF is unavailable: the only source then.
     pub degraded_resync_interval: Duration,
     /// Wait before a targeted dump after a possible release, so the close
@@ -171,13 +180,7 @@ pub fn start(cfg: PortsConfig, shutdown: CancellationToken) -> Result<Ports, Sta
     }
     let table = Arc::new(RwLock::new(PortTable {
         map: PortMap::new(),
-        status: Status {
-            mode: mode.clone(),
-            ready: false,
-            stale: false,
-            last_full_resync: None,
-            last_error: None,
-        },
+        status: Status { mode: mode.clone(), ready: false, stale: false, last_full_resync: None, last_error: None },
     }));
     let (changes, _) = broadcast::channel(4096);
     let ports = Ports {
@@ -189,9 +192,11 @@ pub fn start(cfg: PortsConfig, shutdown: CancellationToken) -> Result<Ports, Sta
     let (dump_req_tx, dump_req_rx) = std::sync::mpsc::channel::<(Scope, u64)>();
     let (dump_res_tx, dump_res_rx) = mpsc::channel(4);
     spawn_dumper(diag, dump_req_rx, dump_res_tx).map_err(StartError::Thread)?;
-    let resync = match mode {
-        Mode::Ebpf => cfg.resync_interval,
-        Mode::SnapshotOnly { .. } => cfg.degraded_resync_interval,
+    // Without events, every table is dumped at the degraded period: nothing
+    // else would notice new connections.
+    let periods = match mode {
+        Mode::Ebpf => (cfg.resync_interval, cfg.connected_resync_interval),
+        Mode::SnapshotOnly { .. } => (cfg.degraded_resync_interval, cfg.degraded_resync_interval),
     };
     let tracker = Tracker {
         table,
@@ -199,15 +204,17 @@ pub fn start(cfg: PortsConfig, shutdown: CancellationToken) -> Result<Ports, Sta
         metrics: ports.metrics.clone(),
         netns_cookie,
         pending: BTreeSet::new(),
+        pending_tables: Tables::NONE,
         verify_at: None,
         full_pending: true,
+        fast_pending: false,
         in_flight: false,
         stale_since: None,
         lost_seen: 0,
         dump_requests: dump_req_tx,
         cfg,
     };
-    tokio::spawn(tracker.run(probes, dump_res_rx, resync, shutdown));
+    tokio::spawn(tracker.run(probes, dump_res_rx, periods, shutdown));
     Ok(ports)
 }
 
@@ -217,59 +224,26 @@ type Probes = ebpf::Probes;
 enum Probes {}
 
 #[cfg(feature = "ebpf")]
-fn load_probes(
-    cfg: &PortsConfig,
-    cgroup_root: Option<&std::path::Path>,
-    netns_cookie: u64,
-) -> (Option<Probes>, Mode) {
+fn load_probes(cfg: &PortsConfig, cgroup_root: Option<&std::path::Path>, netns_cookie: u64) -> (Option<Probes>, Mode) {
     if cfg.disable_ebpf {
-        return (
-            None,
-            Mode::SnapshotOnly {
-                reason: "eBPF disabled by --disable-ebpf".into(),
-            },
-        );
+        return (None, Mode::SnapshotOnly { reason: "eBPF disabled by --disable-ebpf".into() });
     }
     let Some(root) = cgroup_root else {
-        return (
-            None,
-            Mode::SnapshotOnly {
-                reason: "no cgroup v2 mount found to attach to".into(),
-            },
-        );
+        return (None, Mode::SnapshotOnly { reason: "no cgroup v2 mount found to attach to".into() });
     };
-    let opts = ebpf::EbpfOptions {
-        cgroup_root: root,
-        netns_cookie,
-        ring_bytes: cfg.ring_bytes,
-    };
+    let opts = ebpf::EbpfOptions { cgroup_root: root, netns_cookie, ring_bytes: cfg.ring_bytes };
     match ebpf::Probes::load(&opts) {
         Ok(p) => (Some(p), Mode::Ebpf),
-        Err(e) => (
-            None,
-            Mode::SnapshotOnly {
-                reason: format!("eBPF unavailable: {e}"),
-            },
-        ),
+        Err(e) => (None, Mode::SnapshotOnly { reason: format!("eBPF unavailable: {e}") }),
     }
 }
 
 #[cfg(not(feature = "ebpf"))]
 fn load_probes(_: &PortsConfig, _: Option<&std::path::Path>, _: u64) -> (Option<Probes>, Mode) {
-    (
-        None,
-        Mode::SnapshotOnly {
-            reason: "built without eBPF (--no-default-features)".into(),
-        },
-    )
+    (None, Mode::SnapshotOnly { reason: "built without eBPF (--no-default-features)".into() })
 }
 
-type DumpResult = (
-    Scope,
-    u64,
-    Result<Vec<map::DumpedSocket>, DumpError>,
-    Duration,
-);
+type DumpResult = (Scope, u64, Result<Vec<map::DumpedSocket>, DumpError>, Duration);
 
 /// sock_diag dumps are blocking syscalls: one thread does them all, reusing
 /// its netlink socket and buffer. It lives in the daemon's network namespace
@@ -279,20 +253,15 @@ fn spawn_dumper(
     requests: std::sync::mpsc::Receiver<(Scope, u64)>,
     results: mpsc::Sender<DumpResult>,
 ) -> std::io::Result<()> {
-    thread::Builder::new()
-        .name("sock-diag".into())
-        .spawn(move || {
-            while let Ok((scope, started_ns)) = requests.recv() {
-                let t = std::time::Instant::now();
-                let res = diag.dump(&scope);
-                if results
-                    .blocking_send((scope, started_ns, res, t.elapsed()))
-                    .is_err()
-                {
-                    break; // the owner is gone: shutting down
-                }
+    thread::Builder::new().name("sock-diag".into()).spawn(move || {
+        while let Ok((scope, started_ns)) = requests.recv() {
+            let t = std::time::Instant::now();
+            let res = diag.dump(&scope);
+            if results.blocking_send((scope, started_ns, res, t.elapsed())).is_err() {
+                break; // the owner is gone: shutting down
             }
-        })?;
+        }
+    })?;
     Ok(())
 }
 
@@ -302,10 +271,15 @@ struct Tracker {
     changes: broadcast::Sender<PortChange>,
     metrics: Arc<PortMetrics>,
     netns_cookie: u64,
-    /// Ports that may have been freed, awaiting a targeted dump.
+    /// Ports that may have been freed, awaiting a targeted dump of
+    /// `pending_tables`.
     pending: BTreeSet<PortKey>,
+    pending_tables: Tables,
     verify_at: Option<Instant>,
+    /// A dump of every table is due.
     full_pending: bool,
+    /// A dump of the listener, bound and UDP tables is due.
+    fast_pending: bool,
     in_flight: bool,
     /// Monotonic ns when lost events were noticed; cleared by a full dump
     /// that started after it.
@@ -320,11 +294,16 @@ impl Tracker {
         mut self,
         mut probes: Option<Probes>,
         mut dumps: mpsc::Receiver<DumpResult>,
-        resync: Duration,
+        (fast_period, full_period): (Duration, Duration),
         shutdown: CancellationToken,
     ) {
-        let mut resync_tick = time::interval_at(Instant::now() + resync, resync);
-        resync_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let ticker = |period: Duration| {
+            let mut t = time::interval_at(Instant::now() + period, period);
+            t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            t
+        };
+        let mut fast_tick = ticker(fast_period);
+        let mut full_tick = ticker(full_period);
         let mut loss_tick = time::interval(self.cfg.loss_check_interval);
         loss_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut batch = Vec::with_capacity(256);
@@ -344,9 +323,13 @@ impl Tracker {
                 }
                 Some(done) = dumps.recv() => {
                     self.in_flight = false;
+                    // Losses first: a dump must not remove what a lost event
+                    // would have kept.
+                    self.check_lost(&probes);
                     self.apply_dump(done, &mut probes);
                 }
-                _ = resync_tick.tick() => self.full_pending = true,
+                _ = fast_tick.tick() => self.fast_pending = true,
+                _ = full_tick.tick() => self.full_pending = true,
                 _ = loss_tick.tick(), if probes.is_some() => self.check_lost(&probes),
                 _ = sleep_until(verify_at), if verify_at.is_some() => {}
             }
@@ -371,8 +354,9 @@ impl Tracker {
                     self.metrics.count_foreign();
                     continue;
                 }
-                if let EventEffect::Verify(key) = table.map.apply_event(ev, now, &mut changes) {
+                if let EventEffect::Verify(key, tables) = table.map.apply_event(ev, now, &mut changes) {
                     self.pending.insert(key);
+                    self.pending_tables = self.pending_tables.union(tables);
                 }
             }
         }
@@ -382,35 +366,26 @@ impl Tracker {
         self.publish(changes, now);
     }
 
-    fn apply_dump(
-        &mut self,
-        (scope, started_ns, res, took): DumpResult,
-        probes: &mut Option<Probes>,
-    ) {
-        let full = scope == Scope::All;
+    fn apply_dump(&mut self, (scope, started_ns, res, took): DumpResult, probes: &mut Option<Probes>) {
+        let full = scope == Scope::FULL;
+        let periodic = scope.ports.is_none();
         let snap = match res {
-            Ok(sockets) => Snapshot {
-                started_ns,
-                scope,
-                sockets,
-            },
+            Ok(sockets) => Snapshot { started_ns, scope, sockets },
             Err(e) => {
                 // Fail safe: the map keeps what it has (busy stays busy), and
                 // the dump is retried at the next tick.
                 tracing::warn!(error = %e, "sock_diag dump failed; keeping the map as it is");
                 self.metrics.count_dump_error();
-                if let Scope::Ports(keys) = scope {
-                    self.pending.extend(keys);
-                    self.verify_at
-                        .get_or_insert(Instant::now() + self.cfg.verify_delay);
-                } else {
-                    self.full_pending = true;
+                match scope.ports {
+                    Some(keys) => {
+                        self.pending.extend(keys);
+                        self.pending_tables = self.pending_tables.union(scope.tables);
+                        self.verify_at.get_or_insert(Instant::now() + self.cfg.verify_delay);
+                    }
+                    None if scope.tables == Tables::ALL => self.full_pending = true,
+                    None => self.fast_pending = true,
                 }
-                self.table
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .status
-                    .last_error = Some(e.to_string());
+                self.table.write().unwrap_or_else(|p| p.into_inner()).status.last_error = Some(e.to_string());
                 return;
             }
         };
@@ -421,15 +396,10 @@ impl Tracker {
             let mut table = self.table.write().unwrap_or_else(|p| p.into_inner());
             let stats = table.map.apply_snapshot(&snap, now, &mut changes);
             // The first full dump seeds the map: nothing in it is a repair.
-            let repair = full && table.status.ready;
-            self.metrics.record_dump(full, repair, &stats, took);
+            let repair = periodic && table.status.ready;
+            self.metrics.record_dump(&snap.scope, repair, &stats, took);
             if probes.is_some() {
-                seeds.extend(
-                    stats
-                        .added
-                        .iter()
-                        .filter_map(|c| table.map.tracking_record(*c).map(|t| (*c, t))),
-                );
+                seeds.extend(stats.added.iter().filter_map(|c| table.map.tracking_record(*c).map(|t| (*c, t))));
             }
             if full {
                 table.status.ready = true;
@@ -455,35 +425,36 @@ impl Tracker {
             let newly = lost - self.lost_seen;
             self.lost_seen = lost;
             self.metrics.set_lost(lost);
-            tracing::warn!(
-                lost = newly,
-                "eBPF events lost (ring buffer full); resyncing now"
-            );
+            tracing::warn!(lost = newly, "eBPF events lost (ring buffer full); resyncing now");
             self.stale_since = Some(monotonic_ns());
             self.full_pending = true;
-            self.table
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .status
-                .stale = true;
+            self.table.write().unwrap_or_else(|p| p.into_inner()).status.stale = true;
         }
     }
 
-    /// Starts the next dump if one is due and none is running.
+    /// Starts the next dump if one is due and none is running. A wider dump
+    /// started now also answers every narrower one that is waiting.
     fn kick(&mut self) {
         if self.in_flight {
             return;
         }
         let verify_due = self.verify_at.is_some_and(|t| t <= Instant::now());
         let scope = if self.full_pending || self.pending.len() > MAX_FILTERED_PORTS {
-            // A full dump started now also answers every pending port.
             self.full_pending = false;
-            self.pending.clear();
-            self.verify_at = None;
-            Scope::All
+            self.fast_pending = false;
+            self.clear_pending();
+            Scope::FULL
+        } else if self.fast_pending {
+            self.fast_pending = false;
+            // Verifications of listeners and UDP ports are answered too.
+            if Scope::FAST.tables.contains(self.pending_tables) {
+                self.clear_pending();
+            }
+            Scope::FAST
         } else if verify_due && !self.pending.is_empty() {
             self.verify_at = None;
-            Scope::Ports(std::mem::take(&mut self.pending))
+            let tables = std::mem::replace(&mut self.pending_tables, Tables::NONE);
+            Scope::ports(std::mem::take(&mut self.pending), tables)
         } else {
             return;
         };
@@ -494,13 +465,15 @@ impl Tracker {
         }
     }
 
+    fn clear_pending(&mut self) {
+        self.pending.clear();
+        self.pending_tables = Tables::NONE;
+        self.verify_at = None;
+    }
+
     fn degrade(&mut self, probes: &mut Option<Probes>, reason: String) {
         *probes = None;
-        self.table
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .status
-            .mode = Mode::SnapshotOnly { reason };
+        self.table.write().unwrap_or_else(|p| p.into_inner()).status.mode = Mode::SnapshotOnly { reason };
         self.full_pending = true;
     }
 
@@ -511,12 +484,7 @@ impl Tracker {
                 Change::Freed(k) => ("freed", k),
             };
             // No receivers is fine: nobody is watching.
-            let _ = self.changes.send(PortChange {
-                change,
-                proto,
-                port,
-                at,
-            });
+            let _ = self.changes.send(PortChange { change, proto, port, at });
         }
     }
 }
@@ -530,10 +498,7 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// Waits for ring-buffer records and decodes them into `batch`.
 #[cfg(feature = "ebpf")]
-async fn next_events(
-    probes: &mut Option<Probes>,
-    batch: &mut Vec<map::Event>,
-) -> std::io::Result<()> {
+async fn next_events(probes: &mut Option<Probes>, batch: &mut Vec<map::Event>) -> std::io::Result<()> {
     let Some(p) = probes.as_mut() else {
         return std::future::pending().await;
     };
@@ -564,10 +529,7 @@ fn lost_events(_: &Option<Probes>) -> Option<u64> {
 }
 
 #[cfg(feature = "ebpf")]
-fn seed_tracked(
-    probes: &mut Option<Probes>,
-    seeds: &[(u64, polarstack_ebpf_common::TrackedSocket)],
-) {
+fn seed_tracked(probes: &mut Option<Probes>, seeds: &[(u64, polarstack_ebpf_common::TrackedSocket)]) {
     if let Some(p) = probes.as_mut() {
         for (cookie, t) in seeds {
             p.track(*cookie, *t);

@@ -153,10 +153,7 @@ impl SockState {
 impl FromStr for SockState {
     type Err = ();
     fn from_str(s: &str) -> Result<Self, ()> {
-        (1..=12)
-            .filter_map(Self::from_kernel)
-            .find(|st| st.as_str() == s)
-            .ok_or(())
+        (1..=12).filter_map(Self::from_kernel).find(|st| st.as_str() == s).ok_or(())
     }
 }
 

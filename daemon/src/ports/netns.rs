@@ -17,13 +17,7 @@ pub fn own_netns_cookie() -> io::Result<u64> {
         }
         let mut cookie: u64 = 0;
         let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        let rc = libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        );
+        let rc = libc::getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len);
         let err = io::Error::last_os_error();
         libc::close(fd);
         if rc != 0 {
@@ -36,10 +30,7 @@ pub fn own_netns_cookie() -> io::Result<u64> {
 /// CLOCK_MONOTONIC in nanoseconds: the clock of bpf_ktime_get_ns(), so event
 /// times and dump start times can be compared.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes only into the timespec passed.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

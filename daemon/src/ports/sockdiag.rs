@@ -7,12 +7,12 @@
 //! ports cheaply on a host with 100k connections) nor the bound-inactive state
 //! (bit 13), and it allocates per socket. The socket itself is netlink-sys's.
 //! Layouts: include/uapi/linux/inet_diag.h, sock_diag.h, netlink.h.
-use std::{collections::BTreeSet, io, time::Instant};
+use std::{collections::BTreeSet, io};
 
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket};
 
 use super::{
-    map::{DumpedSocket, Scope},
+    map::{DumpedSocket, Scope, Tables},
     model::{addr_from_bytes, Family, Proto, SockState},
 };
 
@@ -31,7 +31,26 @@ const INET_DIAG_BC_JMP: u8 = 1;
 const INET_DIAG_BC_S_EQ: u8 = 11;
 
 const TCP_SYN_RECV: u32 = 3;
+const TCP_LISTEN: u32 = 10;
 const TCP_NEW_SYN_RECV: u32 = 12;
+const TCP_BOUND_INACTIVE: u32 = 13;
+
+/// The TCP state bits that make the kernel walk `tables`: without any
+/// established-state bit it skips the established hash, and without bit 13
+/// the bind hash (both cost in proportion to the connections on the host).
+fn tcp_states(tables: Tables) -> u32 {
+    let mut states = 0;
+    if tables.contains(Tables::LISTEN) {
+        states |= 1 << TCP_LISTEN;
+    }
+    if tables.contains(Tables::BOUND) {
+        states |= 1 << TCP_BOUND_INACTIVE;
+    }
+    if tables.contains(Tables::CONNECTED) {
+        states |= TCP_PORT_STATES & !((1 << TCP_LISTEN) | (1 << TCP_BOUND_INACTIVE));
+    }
+    states
+}
 /// TCP states that hold a port: all of them (including bit 13, bound but
 /// inactive, kernel 6.5+), except request sockets, which ride on their
 /// listener's port and would only inflate the dump.
@@ -48,29 +67,13 @@ pub enum DumpError {
     #[error("opening a NETLINK_SOCK_DIAG socket: {0}")]
     Open(#[source] io::Error),
     #[error("sending a sock_diag request for {proto}/{family:?}: {source}")]
-    Send {
-        proto: Proto,
-        family: Family,
-        source: io::Error,
-    },
+    Send { proto: Proto, family: Family, source: io::Error },
     #[error("reading sock_diag replies for {proto}/{family:?}: {source}")]
-    Recv {
-        proto: Proto,
-        family: Family,
-        source: io::Error,
-    },
+    Recv { proto: Proto, family: Family, source: io::Error },
     #[error("the kernel refused a sock_diag dump for {proto}/{family:?}: errno {errno}")]
-    Kernel {
-        proto: Proto,
-        family: Family,
-        errno: i32,
-    },
+    Kernel { proto: Proto, family: Family, errno: i32 },
     #[error("malformed sock_diag reply for {proto}/{family:?}: {what}")]
-    Malformed {
-        proto: Proto,
-        family: Family,
-        what: &'static str,
-    },
+    Malformed { proto: Proto, family: Family, what: &'static str },
 }
 
 /// A reusable dumper: one netlink socket and one receive buffer.
@@ -85,81 +88,54 @@ impl SockDiag {
         let mut sock = Socket::new(NETLINK_SOCK_DIAG).map_err(DumpError::Open)?;
         sock.bind_auto().map_err(DumpError::Open)?;
         // Large reads: the kernel fills up to the buffer per recv.
-        Ok(Self {
-            sock,
-            buf: vec![0; 1 << 20],
-            seq: 0,
-        })
+        Ok(Self { sock, buf: vec![0; 1 << 20], seq: 0 })
     }
 
     /// Dumps the sockets in `scope` (TCP and UDP, IPv4 and IPv6).
     pub fn dump(&mut self, scope: &Scope) -> Result<Vec<DumpedSocket>, DumpError> {
         let mut out = Vec::new();
         for proto in Proto::ALL {
-            let filter = match scope {
-                Scope::All => None,
-                Scope::Ports(keys) => {
-                    let ports: BTreeSet<u16> = keys
-                        .iter()
-                        .filter(|(p, _)| *p == proto)
-                        .map(|(_, port)| *port)
-                        .collect();
+            let filter = match &scope.ports {
+                None => None,
+                Some(keys) => {
+                    let ports: BTreeSet<u16> =
+                        keys.iter().filter(|(p, _)| *p == proto).map(|(_, port)| *port).collect();
                     if ports.is_empty() {
                         continue;
                     }
                     Some(port_filter(&ports))
                 }
             };
+            let states = match proto {
+                Proto::Udp if scope.tables.contains(Tables::UDP) => UDP_STATES,
+                Proto::Tcp => tcp_states(scope.tables),
+                Proto::Udp => 0,
+            };
+            if states == 0 {
+                continue;
+            }
             for family in [Family::Ipv4, Family::Ipv6] {
-                self.dump_one(proto, family, filter.as_deref(), &mut out)?;
+                self.dump_one(proto, family, states, filter.as_deref(), &mut out)?;
             }
         }
         Ok(out)
-    }
-
-    /// Times one full dump: for benchmarks.
-    pub fn time_full_dump(&mut self) -> Result<(usize, std::time::Duration), DumpError> {
-        let t = Instant::now();
-        let n = self.dump(&Scope::All)?.len();
-        Ok((n, t.elapsed()))
     }
 
     fn dump_one(
         &mut self,
         proto: Proto,
         family: Family,
+        states: u32,
         bytecode: Option<&[u8]>,
         out: &mut Vec<DumpedSocket>,
     ) -> Result<(), DumpError> {
         self.seq = self.seq.wrapping_add(1);
-        let states = if proto == Proto::Tcp {
-            TCP_PORT_STATES
-        } else {
-            UDP_STATES
-        };
         let req = request(self.seq, family, proto, states, bytecode);
-        self.sock.send(&req, 0).map_err(|source| DumpError::Send {
-            proto,
-            family,
-            source,
-        })?;
+        self.sock.send(&req, 0).map_err(|source| DumpError::Send { proto, family, source })?;
         loop {
             let mut window = &mut self.buf[..];
-            let n = self
-                .sock
-                .recv(&mut window, 0)
-                .map_err(|source| DumpError::Recv {
-                    proto,
-                    family,
-                    source,
-                })?;
-            if parse_replies(
-                &self.buf[..n.min(self.buf.len())],
-                self.seq,
-                proto,
-                family,
-                out,
-            )? {
+            let n = self.sock.recv(&mut window, 0).map_err(|source| DumpError::Recv { proto, family, source })?;
+            if parse_replies(&self.buf[..n.min(self.buf.len())], self.seq, proto, family, out)? {
                 return Ok(());
             }
         }
@@ -167,13 +143,7 @@ impl SockDiag {
 }
 
 /// Builds an `inet_diag_req_v2` dump request, with an optional bytecode filter.
-fn request(
-    seq: u32,
-    family: Family,
-    proto: Proto,
-    states: u32,
-    bytecode: Option<&[u8]>,
-) -> Vec<u8> {
+fn request(seq: u32, family: Family, proto: Proto, states: u32, bytecode: Option<&[u8]>) -> Vec<u8> {
     let attr_len = bytecode.map_or(0, |bc| 4 + bc.len());
     let total = NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN + attr_len;
     let mut b = Vec::with_capacity(total);
@@ -227,14 +197,9 @@ fn parse_replies(
     family: Family,
     out: &mut Vec<DumpedSocket>,
 ) -> Result<bool, DumpError> {
-    let malformed = |what| DumpError::Malformed {
-        proto,
-        family,
-        what,
-    };
+    let malformed = |what| DumpError::Malformed { proto, family, what };
     while data.len() >= NLMSG_HDRLEN {
-        let len =
-            u32::from_ne_bytes(data[0..4].try_into().map_err(|_| malformed("header"))?) as usize;
+        let len = u32::from_ne_bytes(data[0..4].try_into().map_err(|_| malformed("header"))?) as usize;
         let ty = u16::from_ne_bytes([data[4], data[5]]);
         let msg_seq = u32::from_ne_bytes(data[8..12].try_into().map_err(|_| malformed("header"))?);
         if len < NLMSG_HDRLEN || len > data.len() {
@@ -255,11 +220,7 @@ fn parse_replies(
                 if errno == 0 {
                     continue; // an ACK
                 }
-                return Err(DumpError::Kernel {
-                    proto,
-                    family,
-                    errno: -errno,
-                });
+                return Err(DumpError::Kernel { proto, family, errno: -errno });
             }
             SOCK_DIAG_BY_FAMILY => {
                 if let Some(s) = parse_socket(body, proto) {
@@ -321,11 +282,7 @@ mod tests {
         let mut len = bc.len() as i64;
         while len > 0 {
             let o = off as usize;
-            let (code, yes, no) = (
-                bc[o],
-                bc[o + 1] as i64,
-                u16::from_ne_bytes([bc[o + 2], bc[o + 3]]) as i64,
-            );
+            let (code, yes, no) = (bc[o], bc[o + 1] as i64, u16::from_ne_bytes([bc[o + 2], bc[o + 3]]) as i64);
             let cond = match code {
                 INET_DIAG_BC_JMP => false,
                 INET_DIAG_BC_S_EQ => sport == u16::from_ne_bytes([bc[o + 6], bc[o + 7]]),
@@ -344,11 +301,7 @@ mod tests {
         let mut off = 0usize;
         let mut len = bc.len() as i64;
         while len > 0 {
-            let (code, yes, no) = (
-                bc[off],
-                bc[off + 1] as i64,
-                u16::from_ne_bytes([bc[off + 2], bc[off + 3]]) as i64,
-            );
+            let (code, yes, no) = (bc[off], bc[off + 1] as i64, u16::from_ne_bytes([bc[off + 2], bc[off + 3]]) as i64);
             let min_len = if code == INET_DIAG_BC_S_EQ { 8 } else { 4 };
             if no < min_len || no > len + 4 || no & 3 != 0 {
                 return false;
@@ -364,23 +317,12 @@ mod tests {
 
     #[test]
     fn port_filter_accepts_exactly_its_ports_and_passes_the_audit() {
-        for set in [
-            vec![5432u16],
-            vec![1, 80, 5432, 65535],
-            (1000..1700).collect::<Vec<_>>(),
-        ] {
+        for set in [vec![5432u16], vec![1, 80, 5432, 65535], (1000..1700).collect::<Vec<_>>()] {
             let ports: BTreeSet<u16> = set.iter().copied().collect();
             let bc = port_filter(&ports);
             assert!(audit(&bc), "audit failed for {} ports", ports.len());
-            for p in [
-                0u16, 1, 2, 79, 80, 81, 999, 1000, 1699, 1700, 5432, 65534, 65535,
-            ] {
-                assert_eq!(
-                    run(&bc, p),
-                    ports.contains(&p),
-                    "port {p} in a set of {}",
-                    ports.len()
-                );
+            for p in [0u16, 1, 2, 79, 80, 81, 999, 1000, 1699, 1700, 5432, 65534, 65535] {
+                assert_eq!(run(&bc, p), ports.contains(&p), "port {p} in a set of {}", ports.len());
             }
         }
     }
@@ -403,10 +345,7 @@ mod tests {
         let mut msg = vec![0u8; 16];
         msg[0..4].copy_from_slice(&1000u32.to_ne_bytes());
         assert!(parse_replies(&msg, 1, Proto::Tcp, Family::Ipv4, &mut out).is_err());
-        assert_eq!(
-            parse_replies(&[1, 2, 3], 1, Proto::Tcp, Family::Ipv4, &mut out).ok(),
-            Some(false)
-        );
+        assert_eq!(parse_replies(&[1, 2, 3], 1, Proto::Tcp, Family::Ipv4, &mut out).ok(), Some(false));
         assert!(parse_socket(&[0u8; 10], Proto::Tcp).is_none());
     }
 }
