@@ -93,8 +93,11 @@ impl Filter {
     }
 }
 
+/// What makes sockets one entry: protocol, port, family, address, state, blocking.
+type GroupKey = (Proto, u16, Family, IpAddr, SockState, bool);
+
 fn entries<'a>(ports: &Ports, sockets: impl Iterator<Item = &'a Socket>) -> Vec<Entry> {
-    let mut groups: BTreeMap<(Proto, u16, Family, IpAddr, SockState, bool), Vec<&Socket>> = BTreeMap::new();
+    let mut groups: BTreeMap<GroupKey, Vec<&Socket>> = BTreeMap::new();
     for s in sockets {
         groups.entry((s.proto, s.port, s.family, s.addr, s.state, s.blocks())).or_default().push(s);
     }
