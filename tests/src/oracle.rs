@@ -7,7 +7,8 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-fn wildcard(v6: bool, port: u16) -> SocketAddr {
+/// The wildcard address of a family: 0.0.0.0:port or [::]:port.
+pub fn wildcard(v6: bool, port: u16) -> SocketAddr {
     if v6 {
         SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))
     } else {

@@ -8,6 +8,8 @@ use std::{
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::oracle::wildcard;
+
 /// Ports the workload binds explicitly; the namespace's ephemeral range
 /// should sit right above, so bind(0) and connects land in the tested band.
 pub struct Band {
@@ -27,14 +29,6 @@ pub struct Workload {
     held: Vec<Held>,
     band: Band,
     pub counts: std::collections::BTreeMap<&'static str, usize>,
-}
-
-fn any(v6: bool, port: u16) -> SocketAddr {
-    if v6 {
-        SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))
-    } else {
-        SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
-    }
 }
 
 fn loopback(v6: bool, port: u16) -> SocketAddr {
@@ -99,7 +93,7 @@ impl Workload {
             return;
         };
         let port = if fixed { self.fixed_port() } else { 0 };
-        if s.bind(&any(v6, port).into()).is_ok() {
+        if s.bind(&wildcard(v6, port).into()).is_ok() {
             self.count(if fixed { "bind_port" } else { "bind_zero" });
             self.held.push(Held { sock: s, tcp, v6, listening: false, bound: true });
         }
@@ -184,7 +178,7 @@ impl Workload {
             let Some(s) = self.new_socket(true, v6) else {
                 return;
             };
-            if s.set_reuse_port(true).is_err() || s.bind(&any(v6, port).into()).is_err() || s.listen(16).is_err() {
+            if s.set_reuse_port(true).is_err() || s.bind(&wildcard(v6, port).into()).is_err() || s.listen(16).is_err() {
                 return;
             }
             self.count("reuseport");
@@ -216,7 +210,7 @@ impl Workload {
             let Some(s) = self.new_socket(true, false) else {
                 continue;
             };
-            if s.bind(&any(false, port).into()).is_ok() && s.listen(1).is_ok() {
+            if s.bind(&wildcard(false, port).into()).is_ok() && s.listen(1).is_ok() {
                 ok += 1;
                 self.held.push(Held { sock: s, tcp: true, v6: false, listening: true, bound: true });
             }

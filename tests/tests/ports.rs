@@ -302,3 +302,51 @@ fn sigterm_stops_the_daemon_promptly_and_detaches() {
         assert!(took < Duration::from_secs(5), "took {took:?}; the original waited out the grace period");
     });
 }
+
+/// A cgroup named the way container runtimes name theirs, removed on drop.
+struct ContainerCgroup {
+    dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl Drop for ContainerCgroup {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[test]
+fn owners_name_the_container_their_cgroup_belongs_to() {
+    in_new_netns(|| {
+        let root = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+            .into_iter()
+            .map(std::path::PathBuf::from)
+            .find(|p| p.join("cgroup.procs").exists() && p.join("cgroup.subtree_control").exists())
+            .expect("a cgroup v2 mount");
+        let id = format!("{:016x}", rand_seed()).repeat(4);
+        let dir = root.join(format!("cri-containerd-{id}.scope"));
+        std::fs::create_dir(&dir).expect("create a cgroup (root, cgroup v2)");
+        let mut guard = ContainerCgroup { dir: dir.clone(), child: None };
+        let mut d = Daemon::start(&[]);
+        d.wait_ready();
+        // A process that joins the cgroup, then listens, like a containerized database.
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec python3 -c 'import socket,time; s=socket.socket(); \
+             s.bind((\"0.0.0.0\",20600)); s.listen(); time.sleep(60)'",
+            dir.display()
+        );
+        guard.child = Some(Command::new("sh").args(["-c", &script]).spawn().expect("start a listener"));
+        assert!(
+            wait_for(Duration::from_secs(10), || d.get_ok("/api/v2/ports/20600")["taken"] == true),
+            "the containerized listener never showed up"
+        );
+        let one = d.get_ok("/api/v2/ports/20600");
+        let owner = &one["entries"][0]["owners"][0];
+        assert_eq!(owner["comm"], "python3", "{one}");
+        assert_eq!(owner["container"], id.as_str(), "{one}");
+    });
+}
