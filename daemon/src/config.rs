@@ -5,7 +5,7 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 
-use crate::{ports::PortsConfig, telemetry::LogFormat};
+use crate::{logs::LogSweepArgs, ports::PortsConfig, telemetry::LogFormat};
 
 #[derive(Parser, Debug, Clone)]
 #[command(name = "polarstack-daemon", version, about = "eBPF-assisted host observer for PolarDB Stack nodes")]
@@ -42,14 +42,9 @@ pub struct Flags {
     #[arg(long)]
     pub master: Option<String>,
 
-    /// Instance log root (the log sweeps come in a later release; the flag is
-    /// accepted so the existing DaemonSet keeps working).
-    #[arg(long, default_value = "/flash/polardb_dbcluster/")]
-    pub dbcluster_log_dir: PathBuf,
-
-    /// Age threshold in days of the log sweeps.
-    #[arg(long, default_value_t = 3)]
-    pub ins_folder_overdue_days: u32,
+    /// The log sweeps' flags (`--dbcluster-log-dir`, `--ins-folder-overdue-days`, ...).
+    #[command(flatten)]
+    pub logs: LogSweepArgs,
 
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
@@ -190,24 +185,50 @@ fn normalize_go_flags(args: impl IntoIterator<Item = std::ffi::OsString>) -> Vec
         .collect()
 }
 
-/// Durations as people write them: `500ms`, `5s`, `2m`, `6h`, `1d`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 500ms, 5s, 2m or 6h"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" | "" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        "d" => Duration::from_secs(n * 86400),
-        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m, h or d)")),
-    };
-    if d.is_zero() {
-        return Err(format!("`{s}`: a duration must be positive"));
+/// A duration flag that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad duration {input:?}: {why} (examples: 500ms, 5s, 30m, 6h, 1h30m, 1d)")]
+pub struct DurationError {
+    input: String,
+    why: &'static str,
+}
+
+/// Durations as people write them: one or more `<number><unit>` parts with
+/// units ms, s, m, h, d (`500ms`, `90s`, `1h30m`). A bare number is refused:
+/// the original daemon's flags meant seconds in some places and days in
+/// others, so a unit is always required. Periods must be positive.
+pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
+    let bad = |why| DurationError { input: input.to_owned(), why };
+    let mut rest = input.trim();
+    if rest.is_empty() {
+        return Err(bad("empty"));
     }
-    Ok(d)
+    let mut total = Duration::ZERO;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(bad("expected a number"));
+        }
+        let value: u64 = rest[..digits].parse().map_err(|_| bad("number too large"))?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit = rest[..unit_len].trim();
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => Some(Duration::from_millis(value)),
+            "s" => Some(Duration::from_secs(value)),
+            "m" => value.checked_mul(60).map(Duration::from_secs),
+            "h" => value.checked_mul(3600).map(Duration::from_secs),
+            "d" => value.checked_mul(86_400).map(Duration::from_secs),
+            "" => return Err(bad("missing unit")),
+            _ => return Err(bad("unknown unit (use ms, s, m, h or d)")),
+        };
+        total = part.and_then(|p| total.checked_add(p)).ok_or_else(|| bad("too large"))?;
+    }
+    if total.is_zero() {
+        return Err(bad("a duration must be positive"));
+    }
+    Ok(total)
 }
 
 fn parse_ring_bytes(s: &str) -> Result<u32, String> {
@@ -230,8 +251,8 @@ mod tests {
     fn defaults_match_the_original() {
         let f = parse(&[]).expect("defaults parse");
         assert_eq!(f.port, 8900);
-        assert_eq!(f.dbcluster_log_dir, PathBuf::from("/flash/polardb_dbcluster/"));
-        assert_eq!(f.ins_folder_overdue_days, 3);
+        assert_eq!(f.logs.dbcluster_log_dir, PathBuf::from("/flash/polardb_dbcluster/"));
+        assert_eq!(f.logs.ins_folder_overdue_days, 3);
         assert_eq!(f.core_version_cm_labels, "configtype=minor_version_info,dbClusterMode=WriteReadMore");
         assert_eq!(f.mpd_controller_cm_name, "polardb4mpd-controller");
         assert_eq!(f.polarstack_daemon_pod_labels, "app=polarstack-daemon");
@@ -253,7 +274,8 @@ mod tests {
         .expect("legacy flags parse");
         assert_eq!(f.port, 8901);
         assert_eq!(f.log_level(), "trace");
-        assert_eq!(f.ins_folder_overdue_days, 7);
+        assert_eq!(f.logs.ins_folder_overdue_days, 7);
+        assert_eq!(f.logs.dbcluster_log_dir, PathBuf::from("/disk1/polardb/"));
         assert_eq!(
             f.ignored_legacy_flags(),
             vec!["--develop-mode", "--events-enable-upload", "--logtostderr", "--log-dir"]
@@ -277,8 +299,13 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
         assert_eq!(parse_duration("6h"), Ok(Duration::from_secs(21600)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("h").is_err());
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86400)));
+        for bad in ["7", "h", "", "0s", "5 parsecs", "1x", "-1s", "99999999999999999999s", "99999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -4,6 +4,8 @@
 //! Layout, sources -> state -> sinks:
 //! - [`ports`]: which local ports are taken. eBPF events (the programs are in
 //!   `daemon-ebpf/`) and sock_diag dumps feed one owner task and its map.
+//! - [`logs`]: safe sweeps of the instance log root (the original's three
+//!   rules, fd-relative and fail-closed), on a schedule and on request.
 //! - [`http`]: the HTTP sink (health, readiness, metrics, the native API).
 //! - [`config`]: flags, including the original daemon's; [`telemetry`]: logs
 //!   and the metrics text writer; [`time`]: timestamp layouts.
@@ -12,11 +14,12 @@
 //! everything on SIGTERM or SIGINT.
 pub mod config;
 pub mod http;
+pub mod logs;
 pub mod ports;
 pub mod telemetry;
 pub mod time;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 pub enum RunError {
     #[error(transparent)]
     Ports(#[from] ports::StartError),
+    #[error("log sweep settings: {0}")]
+    Logs(#[from] logs::LogSweepConfigError),
     #[error("serving HTTP on {addr}: {source}")]
     Http { addr: SocketAddr, source: std::io::Error },
 }
@@ -33,15 +38,20 @@ pub async fn run(flags: config::Flags) -> Result<(), RunError> {
     for flag in flags.ignored_legacy_flags() {
         tracing::warn!(flag, "accepted for compatibility with the original daemon; it has no effect");
     }
+    let shutdown = CancellationToken::new();
+    let ports = ports::start(flags.ports_config(), shutdown.clone())?;
+    // Without a cluster nobody can say which instances are live: rule 1 of
+    // the sweeps (instance folders) stays off; rules 2 and 3 run.
     if flags.kubeconfig.is_none() && std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
         tracing::info!("no cluster configured: running standalone (every source, HTTP API, no Kubernetes)");
     } else {
         tracing::warn!("Kubernetes publishing is not built yet: running standalone");
     }
-    let shutdown = CancellationToken::new();
-    let ports = ports::start(flags.ports_config(), shutdown.clone())?;
+    let owners: Arc<dyn logs::LiveInstances> = Arc::new(logs::Standalone);
+    let sweep_policy = http::logs::HttpSweepPolicy::from_args(&flags.logs);
+    let sweeps = logs::spawn(flags.logs.clone(), owners, shutdown.clone())?;
     let addr = SocketAddr::new(flags.listen_address, flags.port);
-    let state = http::AppState { ports, shutdown: shutdown.clone() };
+    let state = http::AppState { ports, logs: sweeps, sweep_policy, shutdown: shutdown.clone() };
     let mut server = tokio::spawn(http::serve(addr, state));
     let outcome = tokio::select! {
         res = &mut server => match res {

@@ -6,6 +6,7 @@
 //!   cargo xtask build-ebpf              build the eBPF object only
 //!   cargo xtask setup                   install the toolchain and mounts only
 //!   cargo xtask bench ports             port benchmarks (see daemon/examples)
+//!   cargo xtask bench logs              log sweep vs `find -delete` on a 1M-file tree
 use std::{
     env,
     path::{Path, PathBuf},
@@ -39,7 +40,7 @@ fn main() {
             eprintln!(
                 "usage: cargo xtask <task>\n  run [-- FLAGS]    set up, build and run the daemon standalone on this host\n  \
                  test [-- ARGS]    set up, build and run every test\n  build-ebpf        build {OBJECT}\n  \
-                 setup             install the eBPF toolchain and mount tracefs\n  bench ports       port benchmarks"
+                 setup             install the eBPF toolchain and mount tracefs\n  bench ports|logs  benchmarks"
             );
             exit(2);
         }
@@ -251,17 +252,17 @@ fn test(args: &[String]) -> Result<()> {
 }
 
 fn bench(which: &str) -> Result<()> {
-    match which {
-        "ports" => {
-            setup()?;
-            build_ebpf()?;
-            check(cargo().args(["build", "--release", "-p", "polarstack-daemon", "--bins", "--examples"]))?;
-            let root = root();
-            check(
-                Command::new(root.join("target/release/examples/bench_ports"))
-                    .env("POLARSTACK_DAEMON_BIN", root.join("target/release/polarstack-daemon")),
-            )
-        }
-        other => bail!("unknown benchmark {other:?}; available: ports"),
-    }
+    let example = match which {
+        "ports" => "bench_ports",
+        "logs" => "bench_logs",
+        other => bail!("unknown benchmark {other:?}; available: ports, logs"),
+    };
+    setup()?;
+    build_ebpf()?;
+    check(cargo().args(["build", "--release", "-p", "polarstack-daemon", "--bins", "--examples"]))?;
+    let root = root();
+    check(
+        Command::new(root.join("target/release/examples").join(example))
+            .env("POLARSTACK_DAEMON_BIN", root.join("target/release/polarstack-daemon")),
+    )
 }

@@ -1,6 +1,7 @@
 //! The HTTP sink: health, readiness, metrics and the native v2 API, served by
 //! axum on `--port`. Handlers only read domain state; they never write it.
 pub mod error;
+pub mod logs;
 pub mod ports;
 pub mod query;
 
@@ -17,22 +18,26 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use self::error::ApiError;
-use crate::ports::Ports;
+use crate::{logs::SweepHandle, ports::Ports};
 
 #[derive(Clone)]
 pub struct AppState {
     pub ports: Ports,
+    pub logs: SweepHandle,
+    pub sweep_policy: logs::HttpSweepPolicy,
     pub shutdown: CancellationToken,
 }
 
 pub fn router(state: AppState) -> Router {
+    let sweeps = logs::routes(state.logs.clone(), state.sweep_policy.clone());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(ports::routes())
-        .fallback(not_found)
         .with_state(state)
+        .merge(sweeps)
+        .fallback(not_found)
 }
 
 /// Binds `addr` and serves until `shutdown` fires.
@@ -49,7 +54,9 @@ async fn healthz() -> Json<serde_json::Value> {
 }
 
 /// Ready once the first full dump is merged (and eBPF attached, or its
-/// absence explained in `mode`/`reason`).
+/// absence explained in `mode`/`reason`). The API server being away does not
+/// make the daemon unready: it still serves local state; the body says how
+/// publishing fares.
 async fn readyz(State(st): State<AppState>) -> Response {
     let table = st.ports.read();
     let body = json!({ "ready": table.status.ready, "ports": table.status });
@@ -67,6 +74,7 @@ async fn metrics(State(st): State<AppState>) -> Response {
         &[(format!("version=\"{}\"", env!("CARGO_PKG_VERSION")), 1.0)],
     );
     st.ports.render_metrics(&mut out);
+    st.logs.render_metrics(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
 }
 

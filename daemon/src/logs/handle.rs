@@ -1,0 +1,213 @@
+//! The sweeper's handle: schedule, on-demand sweeps, last report, metrics.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use super::config::{LogSweepArgs, LogSweepConfigError, SweepConfig};
+use super::report::{unix_seconds, Rule, SweepReport};
+use super::{sweep, LiveInstances, SweepError};
+
+/// Delay of the first scheduled sweep: soon enough to show a report shortly
+/// after a rollout, late enough not to compete with start-up.
+const FIRST_SWEEP_DELAY: Duration = Duration::from_secs(30);
+
+/// Cheap to clone; every clone drives the same sweeper.
+#[derive(Clone)]
+pub struct SweepHandle {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: SweepConfig,
+    owners: Arc<dyn LiveInstances>,
+    /// One sweep at a time: concurrent requests queue here.
+    running: tokio::sync::Mutex<()>,
+    last: Mutex<Option<Arc<SweepReport>>>,
+    cancel: Arc<AtomicBool>,
+    metrics: Metrics,
+}
+
+/// Plain atomics, rendered by [`SweepHandle::render_metrics`].
+#[derive(Default)]
+struct Metrics {
+    removed_entries: [AtomicU64; 3],
+    removed_bytes: [AtomicU64; 3],
+    errors: AtomicU64,
+    /// f64 bits of the last sweep's duration in seconds.
+    duration_bits: AtomicU64,
+    /// f64 bits of the Unix time of the last sweep that ran to completion
+    /// (0 = never).
+    last_success_bits: AtomicU64,
+}
+
+impl std::fmt::Debug for SweepHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SweepHandle").field("cfg", &self.inner.cfg).finish_non_exhaustive()
+    }
+}
+
+impl SweepHandle {
+    /// A sweeper without a schedule (sweeps only on demand). [`spawn`] adds
+    /// the schedule.
+    pub fn new(args: LogSweepArgs, owners: Arc<dyn LiveInstances>) -> Result<Self, LogSweepConfigError> {
+        let cfg = args.validate()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                cfg,
+                owners,
+                running: tokio::sync::Mutex::new(()),
+                last: Mutex::new(None),
+                cancel: Arc::new(AtomicBool::new(false)),
+                metrics: Metrics::default(),
+            }),
+        })
+    }
+
+    /// True when `--log-sweep-dry-run` turns every sweep into a dry run.
+    pub fn global_dry_run(&self) -> bool {
+        self.inner.cfg.global_dry_run
+    }
+
+    /// Runs one sweep (waiting for a running one to finish first). A real
+    /// sweep becomes a dry run under the global dry-run flag. `Err` means the
+    /// sweep could not start (root missing or unreadable, shutting down):
+    /// nothing was deleted, and the failure is also the last report.
+    pub async fn sweep(&self, dry_run: bool) -> Result<SweepReport, SweepError> {
+        if self.inner.cancel.load(Ordering::Relaxed) {
+            return Err(SweepError::ShuttingDown);
+        }
+        let _one_at_a_time = self.inner.running.lock().await;
+        let effective = dry_run || self.inner.cfg.global_dry_run;
+        let forced = !dry_run && self.inner.cfg.global_dry_run;
+        let (report, err) = sweep::run(
+            &self.inner.cfg,
+            Arc::clone(&self.inner.owners),
+            effective,
+            forced,
+            Arc::clone(&self.inner.cancel),
+        )
+        .await;
+        self.record(&report, err.is_none());
+        tracing::info!(
+            dry_run = report.dry_run,
+            removed = report.removed.len(),
+            removed_bytes = report.removed_bytes,
+            kept = report.kept.len(),
+            errors = report.errors.len(),
+            duration_seconds = report.duration_seconds,
+            aborted = report.aborted.as_deref(),
+            "log sweep finished"
+        );
+        if let Ok(mut last) = self.inner.last.lock() {
+            *last = Some(Arc::new(report.clone()));
+        }
+        match err {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
+    }
+
+    fn record(&self, report: &SweepReport, completed: bool) {
+        let m = &self.inner.metrics;
+        if !report.dry_run {
+            for r in &report.removed {
+                m.removed_entries[r.rule.index()].fetch_add(r.entries, Ordering::Relaxed);
+                m.removed_bytes[r.rule.index()].fetch_add(r.bytes, Ordering::Relaxed);
+            }
+        }
+        let errors = report.errors.len() as u64 + u64::from(!completed);
+        m.errors.fetch_add(errors, Ordering::Relaxed);
+        m.duration_bits.store(report.duration_seconds.to_bits(), Ordering::Relaxed);
+        if completed {
+            let now = unix_seconds(SystemTime::now());
+            m.last_success_bits.store(now.to_bits(), Ordering::Relaxed);
+        }
+    }
+
+    /// The report of the last sweep, failed ones included.
+    pub fn last_report(&self) -> Option<Arc<SweepReport>> {
+        self.inner.last.lock().ok().and_then(|l| l.clone())
+    }
+
+    /// Appends the sweeper's metrics in Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        let m = &self.inner.metrics;
+        let _ = writeln!(out, "# HELP polarstack_logs_removed_files_total Entries (files, folders, symlinks) removed by real log sweeps, by rule.");
+        let _ = writeln!(out, "# TYPE polarstack_logs_removed_files_total counter");
+        for rule in Rule::ALL {
+            let v = m.removed_entries[rule.index()].load(Ordering::Relaxed);
+            let _ = writeln!(out, "polarstack_logs_removed_files_total{{rule=\"{}\"}} {v}", rule.as_str());
+        }
+        let _ = writeln!(out, "# HELP polarstack_logs_removed_bytes_total Bytes (apparent size of regular files) removed by real log sweeps, by rule.");
+        let _ = writeln!(out, "# TYPE polarstack_logs_removed_bytes_total counter");
+        for rule in Rule::ALL {
+            let v = m.removed_bytes[rule.index()].load(Ordering::Relaxed);
+            let _ = writeln!(out, "polarstack_logs_removed_bytes_total{{rule=\"{}\"}} {v}", rule.as_str());
+        }
+        let _ = writeln!(
+            out,
+            "# HELP polarstack_logs_sweep_errors_total Errors met by log sweeps (each one deleted nothing)."
+        );
+        let _ = writeln!(out, "# TYPE polarstack_logs_sweep_errors_total counter");
+        let _ = writeln!(out, "polarstack_logs_sweep_errors_total {}", m.errors.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# HELP polarstack_logs_sweep_duration_seconds Duration of the last log sweep.");
+        let _ = writeln!(out, "# TYPE polarstack_logs_sweep_duration_seconds gauge");
+        let d = f64::from_bits(m.duration_bits.load(Ordering::Relaxed));
+        let _ = writeln!(out, "polarstack_logs_sweep_duration_seconds {d}");
+        let _ = writeln!(out, "# HELP polarstack_logs_last_success_timestamp_seconds Unix time of the last log sweep that ran to completion (0 = never).");
+        let _ = writeln!(out, "# TYPE polarstack_logs_last_success_timestamp_seconds gauge");
+        let t = f64::from_bits(m.last_success_bits.load(Ordering::Relaxed));
+        let _ = writeln!(out, "polarstack_logs_last_success_timestamp_seconds {t}");
+    }
+}
+
+/// Starts the sweeper with its schedule: a first sweep shortly after start
+/// (30 s, or one interval if shorter), then one every `--log-sweep-interval`.
+/// `shutdown` being cancelled stops the schedule
+/// and makes a running sweep stop at the next folder; later on-demand sweeps
+/// answer [`SweepError::ShuttingDown`]. Must be called inside a tokio runtime.
+pub fn spawn(
+    args: LogSweepArgs,
+    owners: Arc<dyn LiveInstances>,
+    shutdown: CancellationToken,
+) -> Result<SweepHandle, LogSweepConfigError> {
+    let handle = SweepHandle::new(args, owners)?;
+    let interval = handle.inner.cfg.interval;
+    let cancel = Arc::clone(&handle.inner.cancel);
+    let scheduled = handle.clone();
+    tokio::spawn(async move {
+        let mut next = tokio::time::Instant::now() + FIRST_SWEEP_DELAY.min(interval);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                () = shutdown.cancelled() => {
+                    cancel.store(true, Ordering::Relaxed);
+                    break;
+                }
+            }
+            // The sweep runs inside the select so shutdown can cancel it; the
+            // cancel flag makes its blocking workers stop at the next folder.
+            let sweep = scheduled.sweep(false);
+            tokio::pin!(sweep);
+            tokio::select! {
+                res = &mut sweep => {
+                    if let Err(e) = res {
+                        tracing::warn!(error = %e, "scheduled log sweep did not run");
+                    }
+                }
+                () = shutdown.cancelled() => {
+                    cancel.store(true, Ordering::Relaxed);
+                    let _ = sweep.await;
+                    break;
+                }
+            }
+            next = tokio::time::Instant::now() + interval;
+        }
+        tracing::info!("log sweeper stopped");
+    });
+    Ok(handle)
+}
