@@ -5,7 +5,12 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 
-use crate::{logs::LogSweepArgs, ports::PortsConfig, telemetry::LogFormat};
+use crate::{
+    kube::{Access, ClusterConfig},
+    logs::LogSweepArgs,
+    ports::PortsConfig,
+    telemetry::LogFormat,
+};
 
 #[derive(Parser, Debug, Clone)]
 #[command(name = "polarstack-daemon", version, about = "eBPF-assisted host observer for PolarDB Stack nodes")]
@@ -41,6 +46,16 @@ pub struct Flags {
     /// Kubernetes API server address (overrides the kubeconfig's).
     #[arg(long)]
     pub master: Option<String>,
+
+    /// Period of the Node-condition heartbeat (`NodeRefreshFlag`'s
+    /// lastHeartbeatTime). Conditions that change are written at once.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub node_heartbeat_interval: Duration,
+
+    /// How long port changes are coalesced before the port-usage ConfigMap
+    /// is written.
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    pub publish_debounce: Duration,
 
     /// The log sweeps' flags (`--dbcluster-log-dir`, `--ins-folder-overdue-days`, ...).
     #[command(flatten)]
@@ -158,6 +173,16 @@ impl Flags {
             Some(2 | 3) => "debug".into(),
             Some(_) => "trace".into(),
             None => self.log_level.clone(),
+        }
+    }
+
+    pub fn cluster_config(&self) -> ClusterConfig {
+        ClusterConfig {
+            access: Access::detect(self.kubeconfig.clone(), self.master.clone()),
+            node: self.current_node_name.clone(),
+            mpd_controller_cm_name: self.mpd_controller_cm_name.clone(),
+            heartbeat: self.node_heartbeat_interval,
+            publish_debounce: self.publish_debounce,
         }
     }
 

@@ -6,6 +6,9 @@
 //!   `daemon-ebpf/`) and sock_diag dumps feed one owner task and its map.
 //! - [`logs`]: safe sweeps of the instance log root (the original's three
 //!   rules, fd-relative and fail-closed), on a schedule and on request.
+//! - [`kube`]: cluster inputs (watched ConfigMaps and pods) and the
+//!   Kubernetes sinks (the port-usage ConfigMap, Node conditions); absent in
+//!   standalone mode.
 //! - [`http`]: the HTTP sink (health, readiness, metrics, the native API).
 //! - [`config`]: flags, including the original daemon's; [`telemetry`]: logs
 //!   and the metrics text writer; [`time`]: timestamp layouts.
@@ -14,6 +17,7 @@
 //! everything on SIGTERM or SIGINT.
 pub mod config;
 pub mod http;
+pub mod kube;
 pub mod logs;
 pub mod ports;
 pub mod telemetry;
@@ -27,6 +31,8 @@ use tokio_util::sync::CancellationToken;
 pub enum RunError {
     #[error(transparent)]
     Ports(#[from] ports::StartError),
+    #[error(transparent)]
+    Cluster(#[from] kube::ClusterError),
     #[error("log sweep settings: {0}")]
     Logs(#[from] logs::LogSweepConfigError),
     #[error("serving HTTP on {addr}: {source}")]
@@ -40,18 +46,20 @@ pub async fn run(flags: config::Flags) -> Result<(), RunError> {
     }
     let shutdown = CancellationToken::new();
     let ports = ports::start(flags.ports_config(), shutdown.clone())?;
+    let cluster = kube::start(flags.cluster_config(), ports.clone(), shutdown.clone()).await?;
     // Without a cluster nobody can say which instances are live: rule 1 of
     // the sweeps (instance folders) stays off; rules 2 and 3 run.
-    if flags.kubeconfig.is_none() && std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
-        tracing::info!("no cluster configured: running standalone (every source, HTTP API, no Kubernetes)");
-    } else {
-        tracing::warn!("Kubernetes publishing is not built yet: running standalone");
-    }
-    let owners: Arc<dyn logs::LiveInstances> = Arc::new(logs::Standalone);
+    let owners: Arc<dyn logs::LiveInstances> = match &cluster {
+        Some(c) => c.live_instances.clone(),
+        None => {
+            tracing::info!("no cluster configured: running standalone (every source, HTTP API, no Kubernetes)");
+            Arc::new(logs::Standalone)
+        }
+    };
     let sweep_policy = http::logs::HttpSweepPolicy::from_args(&flags.logs);
     let sweeps = logs::spawn(flags.logs.clone(), owners, shutdown.clone())?;
     let addr = SocketAddr::new(flags.listen_address, flags.port);
-    let state = http::AppState { ports, logs: sweeps, sweep_policy, shutdown: shutdown.clone() };
+    let state = http::AppState { ports, cluster, logs: sweeps, sweep_policy, shutdown: shutdown.clone() };
     let mut server = tokio::spawn(http::serve(addr, state));
     let outcome = tokio::select! {
         res = &mut server => match res {

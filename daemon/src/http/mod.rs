@@ -18,11 +18,17 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use self::error::ApiError;
-use crate::{logs::SweepHandle, ports::Ports};
+use crate::{
+    kube::{Cluster, ClusterView},
+    logs::SweepHandle,
+    ports::Ports,
+};
 
 #[derive(Clone)]
 pub struct AppState {
     pub ports: Ports,
+    /// None in standalone mode.
+    pub cluster: Option<Cluster>,
     pub logs: SweepHandle,
     pub sweep_policy: logs::HttpSweepPolicy,
     pub shutdown: CancellationToken,
@@ -34,6 +40,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/api/v2/kubernetes", get(kubernetes))
         .merge(ports::routes())
         .with_state(state)
         .merge(sweeps)
@@ -59,7 +66,15 @@ async fn healthz() -> Json<serde_json::Value> {
 /// publishing fares.
 async fn readyz(State(st): State<AppState>) -> Response {
     let table = st.ports.read();
-    let body = json!({ "ready": table.status.ready, "ports": table.status });
+    let kubernetes = st.cluster.as_ref().map_or_else(
+        || json!({"mode": "standalone"}),
+        |c| {
+            let usage = c.port_usage.borrow();
+            json!({"mode": "cluster", "node": c.node, "settings_synced": c.settings.borrow().synced,
+                   "port_usage_pending": usage.pending, "last_error": usage.last_error})
+        },
+    );
+    let body = json!({ "ready": table.status.ready, "ports": table.status, "kubernetes": kubernetes });
     let code = if table.status.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(body)).into_response()
 }
@@ -75,7 +90,16 @@ async fn metrics(State(st): State<AppState>) -> Response {
     );
     st.ports.render_metrics(&mut out);
     st.logs.render_metrics(&mut out);
+    if let Some(c) = &st.cluster {
+        c.metrics.render(&mut out);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
+}
+
+/// The cluster side: mode, settings read from the cluster, this node's
+/// hostPorts, and how publishing fares.
+async fn kubernetes(State(st): State<AppState>) -> Json<ClusterView> {
+    Json(Cluster::view(st.cluster.as_ref()))
 }
 
 async fn not_found(uri: Uri) -> ApiError {

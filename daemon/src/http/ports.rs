@@ -18,6 +18,7 @@ use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
 
 use super::{error::ApiError, query::Params, AppState};
 use crate::{
+    kube::pods::HostPort,
     ports::{
         model::{Family, Proto, SockState, Socket, Source},
         PortTable, Ports,
@@ -176,7 +177,8 @@ async fn one(
     let protos = params.opt::<Proto>("proto", PROTO_EXPECTED)?.map_or(Proto::ALL.to_vec(), |p| vec![p]);
     let table = st.ports.read();
     let found: Vec<&Socket> = protos.iter().flat_map(|p| table.map.sockets_on((*p, port))).collect();
-    let taken = protos.iter().any(|p| table.map.is_taken((*p, port)));
+    let host_ports = host_ports_on(&st, &protos, port);
+    let taken = protos.iter().any(|p| table.map.is_taken((*p, port))) || !host_ports.is_empty();
     let certain = table.status.certain();
     let mut body = json!({
         "port": port,
@@ -184,11 +186,20 @@ async fn one(
         "taken": taken || !certain,
         "certain": certain,
         "entries": entries(&st.ports, found.into_iter()),
+        "host_ports": host_ports,
     });
     if !certain {
         body["reason"] = json!("the port map is not complete yet (starting, or resyncing after lost events)");
     }
     Ok(Json(body).into_response())
+}
+
+/// hostPorts of pods on this node on `port` (a source beside sockets: the
+/// port is taken though no host socket holds it). Empty when standalone.
+fn host_ports_on(st: &AppState, protos: &[Proto], port: u16) -> Vec<HostPort> {
+    let Some(c) = &st.cluster else { return Vec::new() };
+    let host = c.host_ports.borrow();
+    host.ports.iter().filter(|h| h.port == port && protos.contains(&h.proto)).cloned().collect()
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -242,8 +253,11 @@ async fn free(State(st): State<AppState>, RawQuery(q): RawQuery) -> Result<Respo
                 .into(),
         ));
     }
-    let free: Vec<u16> =
-        (from..=to).filter(|p| protos.iter().all(|proto| !table.map.is_taken((*proto, *p)))).take(count).collect();
+    let host = st.cluster.as_ref().map(|c| c.host_ports.borrow().clone()).unwrap_or_default();
+    let free: Vec<u16> = (from..=to)
+        .filter(|p| protos.iter().all(|proto| !table.map.is_taken((*proto, *p)) && !host.contains(*proto, *p)))
+        .take(count)
+        .collect();
     Ok(Json(json!({ "from": from, "to": to, "ports": free })).into_response())
 }
 

@@ -1,0 +1,215 @@
+//! Reaching the API server: which cluster (if any), the client, retries, and
+//! the metrics every API call feeds.
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicI64, AtomicU64, Ordering},
+        Mutex,
+    },
+    time::Duration,
+};
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::telemetry::{write_metric, MetricKind};
+
+/// How the daemon reaches Kubernetes, decided from flags and environment the
+/// way the original's `clientcmd.BuildConfigFromFlags` did, minus its
+/// fallback to guessing: no kubeconfig, no `--master` and not in a pod means
+/// standalone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    Standalone,
+    Kubeconfig { path: PathBuf, master: Option<String> },
+    Master(String),
+    InCluster,
+}
+
+impl Access {
+    pub fn detect(kubeconfig: Option<PathBuf>, master: Option<String>) -> Self {
+        let master = master.filter(|m| !m.trim().is_empty());
+        match (kubeconfig.filter(|p| !p.as_os_str().is_empty()), master) {
+            (Some(path), master) => Access::Kubeconfig { path, master },
+            (None, Some(m)) => Access::Master(m),
+            (None, None) if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => Access::InCluster,
+            (None, None) => Access::Standalone,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("reading kubeconfig {path:?}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("--master {value:?} is not a URL: {reason}")]
+    Master { value: String, reason: String },
+    #[error("in-cluster configuration: {0}")]
+    InCluster(#[source] kube::config::InClusterError),
+    #[error("creating the Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+}
+
+/// Builds the client. Nothing here talks to the API server yet, so a cluster
+/// that is down at start degrades the daemon later instead of stopping it.
+pub async fn client(access: &Access) -> Result<kube::Client, ClientError> {
+    let parse_master = |m: &str| {
+        m.parse::<http::Uri>().map_err(|e| ClientError::Master { value: m.to_owned(), reason: e.to_string() })
+    };
+    let config = match access {
+        Access::Standalone => unreachable!("no client is built in standalone mode"),
+        Access::Kubeconfig { path, master } => {
+            let kc =
+                Kubeconfig::read_from(path).map_err(|source| ClientError::Kubeconfig { path: path.clone(), source })?;
+            let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| ClientError::Kubeconfig { path: path.clone(), source })?;
+            if let Some(m) = master {
+                config.cluster_url = parse_master(m)?;
+            }
+            config
+        }
+        Access::Master(m) => kube::Config::new(parse_master(m)?),
+        Access::InCluster => kube::Config::incluster().map_err(ClientError::InCluster)?,
+    };
+    kube::Client::try_from(config).map_err(ClientError::Client)
+}
+
+/// Waits before retry `attempt` (0-based): exponential from 500 ms, capped at
+/// 30 s, with ±50% jitter so a fleet of daemons does not retry in step after
+/// an API outage.
+pub fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(500).saturating_mul(1u32 << attempt.min(6)).min(Duration::from_secs(30));
+    base.mul_f64(0.5 + fastrand::f64())
+}
+
+/// Short labels for an API call's result, bounded in number.
+pub fn result_label(res: &Result<(), &kube::Error>) -> &'static str {
+    match res {
+        Ok(()) => "ok",
+        Err(kube::Error::Api(s)) => match s.code {
+            404 => "not_found",
+            409 => "conflict",
+            429 => "throttled",
+            403 | 401 => "denied",
+            400..=499 => "client_error",
+            _ => "server_error",
+        },
+        Err(_) => "unreachable",
+    }
+}
+
+/// Counters of the Kubernetes side, rendered into `/metrics`.
+#[derive(Default)]
+pub struct ApiMetrics {
+    /// (verb, resource, result) -> count.
+    requests: Mutex<BTreeMap<(&'static str, &'static str, &'static str), u64>>,
+    write_seconds_sum_micros: AtomicU64,
+    write_count: AtomicU64,
+    /// Watch streams' errors by resource (each one retried with backoff).
+    watch_errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// 1 while the port-usage ConfigMap differs from what should be published.
+    pub port_usage_pending: AtomicI64,
+    pub node_status_pending: AtomicI64,
+}
+
+impl ApiMetrics {
+    pub fn request(&self, verb: &'static str, resource: &'static str, res: Result<(), &kube::Error>) {
+        let mut m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry((verb, resource, result_label(&res))).or_default() += 1;
+    }
+
+    pub fn write_latency(&self, d: Duration) {
+        self.write_seconds_sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.write_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn watch_error(&self, resource: &'static str) {
+        let mut m = self.watch_errors.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry(resource).or_default() += 1;
+    }
+
+    pub fn render(&self, out: &mut String) {
+        let requests: Vec<(String, f64)> = {
+            let m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+            m.iter()
+                .map(|((verb, res, result), n)| {
+                    (format!("verb=\"{verb}\",resource=\"{res}\",result=\"{result}\""), *n as f64)
+                })
+                .collect()
+        };
+        write_metric(
+            out,
+            "polarstack_kube_requests_total",
+            "Kubernetes API writes and reads made by the daemon's sinks, by verb, resource and result.",
+            MetricKind::Counter,
+            &requests,
+        );
+        let watch: Vec<(String, f64)> = {
+            let m = self.watch_errors.lock().unwrap_or_else(|p| p.into_inner());
+            m.iter().map(|(r, n)| (format!("resource=\"{r}\""), *n as f64)).collect()
+        };
+        write_metric(
+            out,
+            "polarstack_kube_watch_errors_total",
+            "Errors of the Kubernetes watches (each retried with backoff).",
+            MetricKind::Counter,
+            &watch,
+        );
+        let sum = self.write_seconds_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let count = self.write_count.load(Ordering::Relaxed) as f64;
+        write_metric(
+            out,
+            "polarstack_kube_write_duration_seconds_sum",
+            "Total time spent in successful Kubernetes writes.",
+            MetricKind::Counter,
+            &[(String::new(), sum)],
+        );
+        write_metric(
+            out,
+            "polarstack_kube_write_duration_seconds_count",
+            "Number of successful Kubernetes writes.",
+            MetricKind::Counter,
+            &[(String::new(), count)],
+        );
+        write_metric(
+            out,
+            "polarstack_kube_publish_pending",
+            "1 while an object in Kubernetes differs from what the daemon wants to publish.",
+            MetricKind::Gauge,
+            &[
+                ("object=\"port_usage\"".into(), self.port_usage_pending.load(Ordering::Relaxed) as f64),
+                ("object=\"node_status\"".into(), self.node_status_pending.load(Ordering::Relaxed) as f64),
+            ],
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        for attempt in 0..20 {
+            let d = backoff(attempt);
+            let base = (500u64 << attempt.min(6)).min(30_000) as f64;
+            assert!(d.as_millis() as f64 >= base * 0.5 - 1.0 && d.as_millis() as f64 <= base * 1.5 + 1.0, "{d:?}");
+        }
+        assert!(backoff(30) <= Duration::from_secs(45));
+    }
+
+    #[test]
+    fn standalone_without_kubeconfig_master_or_pod() {
+        if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
+            assert_eq!(Access::detect(None, None), Access::Standalone);
+            assert_eq!(Access::detect(Some(PathBuf::new()), Some(" ".into())), Access::Standalone);
+        }
+        assert_eq!(Access::detect(None, Some("http://a:1".into())), Access::Master("http://a:1".into()));
+        assert!(matches!(Access::detect(Some("/k".into()), None), Access::Kubeconfig { .. }));
+    }
+}

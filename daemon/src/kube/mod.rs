@@ -1,0 +1,183 @@
+//! The Kubernetes side: cluster inputs (watched ConfigMaps and pods) and the
+//! Kubernetes sinks (the port-usage ConfigMap, this Node's conditions).
+//!
+//! Like HTTP, Kubernetes is a sink: sources and their state never wait on
+//! it. With no cluster configured the daemon runs standalone and nothing
+//! here starts. With one, nothing here blocks start-up either: an API server
+//! that is down, slow or throttling makes the sinks retry with backoff while
+//! HTTP keeps serving local state, and the current state is published once
+//! it answers.
+//!
+//! Layout: [`client`] (which cluster, the client, backoff, metrics),
+//! [`mirror`] (a watched set of objects), [`settings`] (the three input
+//! ConfigMaps), [`ranges`] (port-range annotations), [`pods`] (hostPorts on
+//! this node, live instance ids), [`port_usage`] (the ConfigMap sink),
+//! [`node_status`] (the node-condition writer).
+pub mod client;
+pub mod mirror;
+pub mod node_status;
+pub mod pods;
+pub mod port_usage;
+pub mod ranges;
+pub mod settings;
+
+use std::{sync::Arc, time::Duration};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use kube::Api;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use self::client::{Access, ApiMetrics, ClientError};
+use self::{
+    node_status::{NodeConditions, NodeStatusState},
+    pods::{HostPorts, LiveInsIds},
+    port_usage::PublishState,
+    settings::Settings,
+};
+use crate::ports::Ports;
+
+/// Everything the daemon reads and writes lives here (COMPAT.md).
+pub const NAMESPACE: &str = "kube-system";
+/// The field manager of every write, so `managedFields` name this daemon.
+pub const FIELD_MANAGER: &str = "polarstack-daemon";
+/// A write that takes longer is abandoned and retried.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cluster mode needs this node's name: set --current-node-name or CURRENT_NODE_NAME (the hostname is never guessed)")]
+    NoNodeName,
+    #[error("--current-node-name {0:?} is not a valid node name")]
+    BadNodeName(String),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+/// Settings of the Kubernetes side (from flags).
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub access: Access,
+    pub node: Option<String>,
+    pub mpd_controller_cm_name: String,
+    pub heartbeat: Duration,
+    pub publish_debounce: Duration,
+}
+
+/// A running cluster connection: read handles for the HTTP sink and the
+/// other domains.
+#[derive(Clone)]
+pub struct Cluster {
+    pub node: String,
+    pub metrics: Arc<ApiMetrics>,
+    pub settings: watch::Receiver<Settings>,
+    pub host_ports: watch::Receiver<HostPorts>,
+    pub port_usage: watch::Receiver<PublishState>,
+    pub node_status: watch::Receiver<NodeStatusState>,
+    pub conditions: NodeConditions,
+    pub live_instances: Arc<LiveInsIds>,
+}
+
+/// What `/api/v2/kubernetes` and `/readyz` show.
+#[derive(Serialize)]
+pub struct ClusterView {
+    pub mode: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub settings: Option<Settings>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_ports: Option<HostPorts>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port_usage: Option<PublishState>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_status: Option<NodeStatusState>,
+}
+
+impl Cluster {
+    pub fn view(cluster: Option<&Cluster>) -> ClusterView {
+        match cluster {
+            None => ClusterView {
+                mode: "standalone",
+                node: None,
+                settings: None,
+                host_ports: None,
+                port_usage: None,
+                node_status: None,
+            },
+            Some(c) => ClusterView {
+                mode: "cluster",
+                node: Some(c.node.clone()),
+                settings: Some(c.settings.borrow().clone()),
+                host_ports: Some(c.host_ports.borrow().clone()),
+                port_usage: Some(c.port_usage.borrow().clone()),
+                node_status: Some(c.node_status.borrow().clone()),
+            },
+        }
+    }
+}
+
+/// A DNS-1123 subdomain, as node names are: it ends up in object names.
+fn valid_node_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 253
+        && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && n.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && n.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// Starts the cluster side, or returns `None` in standalone mode. Fails only
+/// on configuration mistakes; an unreachable API server is not one.
+pub async fn start(
+    cfg: ClusterConfig,
+    ports: Ports,
+    shutdown: CancellationToken,
+) -> Result<Option<Cluster>, ClusterError> {
+    if cfg.access == Access::Standalone {
+        return Ok(None);
+    }
+    let node = cfg.node.clone().filter(|n| !n.trim().is_empty()).ok_or(ClusterError::NoNodeName)?;
+    if !valid_node_name(&node) {
+        return Err(ClusterError::BadNodeName(node));
+    }
+    let client = client::client(&cfg.access).await?;
+    tracing::info!(node = %node, access = ?cfg.access, "cluster mode: publishing to Kubernetes");
+    let metrics = Arc::new(ApiMetrics::default());
+    let settings =
+        settings::spawn(client.clone(), cfg.mpd_controller_cm_name.clone(), metrics.clone(), shutdown.clone());
+    let host_ports = pods::spawn_host_ports(client.clone(), &node, metrics.clone(), shutdown.clone());
+    let live_instances = LiveInsIds::spawn(client.clone(), metrics.clone(), shutdown.clone());
+    let nodes: Api<Node> = Api::all(client.clone());
+    let (conditions, node_status) =
+        node_status::spawn(nodes.clone(), node.clone(), cfg.heartbeat, metrics.clone(), shutdown.clone());
+    let (usage_tx, port_usage) = watch::channel(PublishState::default());
+    let publisher = port_usage::Publisher {
+        api: Api::<ConfigMap>::namespaced(client, NAMESPACE),
+        nodes,
+        node: node.clone(),
+        ports,
+        settings: settings.clone(),
+        host_ports: host_ports.clone(),
+        metrics: metrics.clone(),
+        state: usage_tx,
+        debounce: cfg.publish_debounce,
+    };
+    tokio::spawn(publisher.run(shutdown));
+    Ok(Some(Cluster { node, metrics, settings, host_ports, port_usage, node_status, conditions, live_instances }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names() {
+        for ok in ["node-1", "a", "ip-10-0-0-1.ec2.internal"] {
+            assert!(valid_node_name(ok), "{ok}");
+        }
+        for bad in ["", "Node1", "-a", "a-", "a_b", "a/b", &"x".repeat(254)] {
+            assert!(!valid_node_name(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! What pods tell this daemon, from two watches:
+//! - pods on this node (field selector `spec.nodeName`): their hostPorts are
+//!   taken ports beside sockets (traffic to them is redirected even though no
+//!   host socket exists);
+//! - database pods anywhere (label `apsara.metric.ins_id`): the live instance
+//!   ids, which keep their log folders from the sweeper's rule 1.
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, RwLock},
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{runtime::watcher, Api};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{client::ApiMetrics, mirror};
+use crate::{
+    logs::{LiveInstances, LiveInstancesError},
+    ports::model::Proto,
+};
+
+pub const INS_ID_LABEL: &str = "apsara.metric.ins_id";
+
+/// A hostPort of a pod on this node.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct HostPort {
+    pub proto: Proto,
+    pub port: u16,
+    /// `namespace/name` of the pod.
+    pub pod: String,
+}
+
+/// hostPorts of the pods on this node; `synced` once the first list is in.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct HostPorts {
+    pub synced: bool,
+    pub ports: BTreeSet<HostPort>,
+}
+
+impl HostPorts {
+    pub fn contains(&self, proto: Proto, port: u16) -> bool {
+        self.ports.iter().any(|h| h.proto == proto && h.port == port)
+    }
+}
+
+fn host_ports_of<'a>(key: &'a str, pod: &'a Pod) -> impl Iterator<Item = HostPort> + 'a {
+    // A finished pod holds nothing; a pending one may already be bound by kubelet.
+    let finished =
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
+    let containers = pod.spec.iter().filter(move |_| !finished).flat_map(|s| s.containers.iter());
+    containers.flat_map(|c| c.ports.iter().flatten()).filter_map(move |p| {
+        let port = u16::try_from(p.host_port?).ok().filter(|&p| p > 0)?;
+        let proto = match p.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Proto::Tcp,
+            "UDP" => Proto::Udp,
+            _ => return None, // SCTP: not a port the operator hands out
+        };
+        Some(HostPort { proto, port, pod: key.to_owned() })
+    })
+}
+
+/// Watches this node's pods; the receiver always holds the current hostPorts.
+pub fn spawn_host_ports(
+    client: kube::Client,
+    node: &str,
+    metrics: Arc<ApiMetrics>,
+    shutdown: CancellationToken,
+) -> watch::Receiver<HostPorts> {
+    let (tx, rx) = watch::channel(HostPorts::default());
+    let api: Api<Pod> = Api::all(client);
+    let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    tokio::spawn(mirror::run(api, cfg, "pods/this-node", metrics, shutdown, move |view| {
+        let next = HostPorts {
+            // Once listed, a later error keeps the last known ports: they
+            // only ever make ports look taken.
+            synced: view.synced || tx.borrow().synced,
+            ports: view.objects.iter().flat_map(|(k, p)| host_ports_of(k, p)).collect(),
+        };
+        tx.send_if_modified(|cur| {
+            let changed = *cur != next;
+            *cur = next;
+            changed
+        });
+    }));
+    rx
+}
+
+/// The instance ids that pods carry anywhere in the cluster, for the log
+/// sweeper. Unknown (so rule 1 is off) until listed, and again whenever the
+/// watch is failing: a stale copy could miss a new instance.
+#[derive(Default)]
+pub struct LiveInsIds {
+    ids: RwLock<Option<BTreeSet<String>>>,
+}
+
+impl LiveInsIds {
+    pub fn spawn(client: kube::Client, metrics: Arc<ApiMetrics>, shutdown: CancellationToken) -> Arc<Self> {
+        let me = Arc::new(Self::default());
+        let api: Api<Pod> = Api::all(client);
+        let cfg = watcher::Config::default().labels(INS_ID_LABEL);
+        let writer = me.clone();
+        tokio::spawn(mirror::run(api, cfg, "pods/instances", metrics, shutdown, move |view| {
+            let ids = view.synced.then(|| {
+                view.objects.values().filter_map(|p| p.metadata.labels.as_ref()?.get(INS_ID_LABEL).cloned()).collect()
+            });
+            *writer.ids.write().unwrap_or_else(|p| p.into_inner()) = ids;
+        }));
+        me
+    }
+}
+
+impl LiveInstances for LiveInsIds {
+    fn live_ins_ids(&self) -> Result<BTreeSet<String>, LiveInstancesError> {
+        self.ids.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(LiveInstancesError::NotSynced)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(json: serde_json::Value) -> Pod {
+        serde_json::from_value(json).expect("pod")
+    }
+
+    #[test]
+    fn host_ports_by_protocol_and_phase() {
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "db", "namespace": "default"},
+            "spec": {"containers": [
+                {"name": "a", "ports": [{"containerPort": 5432, "hostPort": 5432}, {"containerPort": 53, "hostPort": 5353, "protocol": "UDP"}, {"containerPort": 80}]},
+                {"name": "b", "ports": [{"containerPort": 1, "hostPort": 7000, "protocol": "SCTP"}]}
+            ]},
+            "status": {"phase": "Running"}
+        }));
+        let got: Vec<_> = host_ports_of("default/db", &p).map(|h| (h.proto, h.port)).collect();
+        assert_eq!(got, vec![(Proto::Tcp, 5432), (Proto::Udp, 5353)]);
+        let mut done = p.clone();
+        done.status.as_mut().expect("status").phase = Some("Succeeded".into());
+        assert_eq!(host_ports_of("default/db", &done).count(), 0);
+    }
+}

@@ -1,0 +1,209 @@
+//! The cluster's settings for this daemon, from three watched ConfigMaps in
+//! kube-system (COMPAT.md "Inputs"): `ccm-config` (client NIC), the
+//! operator's `controller-config` (`enablePrintPort`, `isCheckOObIP`) and
+//! `--mpd-controller-cm-name` (the watched port ranges). Each change applies
+//! live. One task owns [`Settings`]; sinks read it through a watch channel.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::{runtime::watcher, Api};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    client::ApiMetrics,
+    mirror,
+    ranges::{PortRanges, RangeError},
+    NAMESPACE,
+};
+
+pub const CCM_CONFIG: &str = "ccm-config";
+pub const CONTROLLER_CONFIG: &str = "controller-config";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Settings {
+    /// Every input has been read once (present or known absent).
+    pub synced: bool,
+    pub ranges: PortRanges,
+    /// The ranges are the operator's shipped defaults: its ConfigMap is missing.
+    pub default_ranges: bool,
+    /// `controller-config` `enablePrintPort` (default true): publish ports.
+    pub enable_print_port: bool,
+    /// `controller-config` `isCheckOObIP` (default true).
+    pub check_oob_ip: bool,
+    /// `ccm-config` `NET_CARD_NAME` (default `bond1`) and `NET_MASK`.
+    pub net_card_name: String,
+    pub net_mask: Option<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            synced: false,
+            ranges: PortRanges::defaults(),
+            default_ranges: true,
+            enable_print_port: true,
+            check_oob_ip: true,
+            net_card_name: "bond1".into(),
+            net_mask: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Input {
+    Ccm,
+    Controller,
+    Mpd,
+}
+
+/// What is known of each input ConfigMap: not yet read, absent, or present.
+type Latest = BTreeMap<Input, Option<ConfigMap>>;
+
+/// Starts the three watches and the task that owns the settings.
+pub fn spawn(
+    client: kube::Client,
+    mpd_name: String,
+    metrics: Arc<ApiMetrics>,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Settings> {
+    let (tx, rx) = watch::channel(Settings::default());
+    let (updates_tx, mut updates) = mpsc::channel::<(Input, Option<ConfigMap>)>(16);
+    for (input, name) in [
+        (Input::Ccm, CCM_CONFIG.to_owned()),
+        (Input::Controller, CONTROLLER_CONFIG.to_owned()),
+        (Input::Mpd, mpd_name.clone()),
+    ] {
+        let api: Api<ConfigMap> = Api::namespaced(client.clone(), NAMESPACE);
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let updates_tx = updates_tx.clone();
+        let resource = match input {
+            Input::Ccm => "configmaps/ccm-config",
+            Input::Controller => "configmaps/controller-config",
+            Input::Mpd => "configmaps/port-ranges",
+        };
+        tokio::spawn(mirror::run(api, cfg, resource, metrics.clone(), shutdown.clone(), move |view| {
+            // An error after the first sync keeps the last settings: stale
+            // ranges beat none while the API server is away.
+            if view.synced {
+                let _ = updates_tx.try_send((input, view.objects.values().next().cloned()));
+            }
+        }));
+    }
+    tokio::spawn(async move {
+        let mut latest = Latest::new();
+        let mut warned: BTreeSet<(String, String)> = BTreeSet::new();
+        while let Some((input, cm)) = updates.recv().await {
+            latest.insert(input, cm);
+            let next = derive(&latest, &mpd_name, &mut |key, value, err| {
+                // One warning per bad value, not one per event.
+                if warned.insert((key.to_owned(), value.to_owned())) {
+                    tracing::warn!(configmap = %mpd_name, annotation = key, error = %err, "skipping a port range");
+                }
+            });
+            tx.send_if_modified(|cur| {
+                if *cur == next {
+                    return false;
+                }
+                tracing::info!(
+                    ranges = ?next.ranges.watched.iter().map(|r| (r.from, r.to)).collect::<Vec<_>>(),
+                    default_ranges = next.default_ranges,
+                    enable_print_port = next.enable_print_port,
+                    net_card_name = %next.net_card_name,
+                    "cluster settings changed"
+                );
+                *cur = next;
+                true
+            });
+        }
+    });
+    rx
+}
+
+fn flag(data: Option<&BTreeMap<String, String>>, key: &str, default: bool) -> bool {
+    match data.and_then(|d| d.get(key)).map(|v| v.trim().to_ascii_lowercase()) {
+        None => default,
+        Some(v) if v == "true" || v == "1" || v == "yes" => true,
+        Some(v) if v == "false" || v == "0" || v == "no" => false,
+        Some(v) => {
+            tracing::warn!(key, value = %v, default, "not a boolean; using the default");
+            default
+        }
+    }
+}
+
+/// Settings from whatever is known of the three inputs.
+fn derive(latest: &Latest, mpd_name: &str, warn: &mut dyn FnMut(&str, &str, &RangeError)) -> Settings {
+    let data = |i: Input| latest.get(&i).and_then(|cm| cm.as_ref()).and_then(|cm| cm.data.as_ref());
+    let mut s = Settings {
+        synced: [Input::Ccm, Input::Controller, Input::Mpd].iter().all(|i| latest.contains_key(i)),
+        ..Settings::default()
+    };
+    s.enable_print_port = flag(data(Input::Controller), "enablePrintPort", true);
+    s.check_oob_ip = flag(data(Input::Controller), "isCheckOObIP", true);
+    if let Some(nic) = data(Input::Ccm).and_then(|d| d.get("NET_CARD_NAME")).map(|v| v.trim()).filter(|v| !v.is_empty())
+    {
+        s.net_card_name = nic.to_owned();
+    }
+    s.net_mask =
+        data(Input::Ccm).and_then(|d| d.get("NET_MASK")).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+    match latest.get(&Input::Mpd).and_then(|cm| cm.as_ref()) {
+        Some(cm) => {
+            let empty = BTreeMap::new();
+            let annotations = cm.metadata.annotations.as_ref().unwrap_or(&empty);
+            let (ranges, skipped) = PortRanges::from_annotations(annotations);
+            for (key, err) in &skipped {
+                warn(key, annotations.get(key).map(String::as_str).unwrap_or(""), err);
+            }
+            s.ranges = ranges;
+            s.default_ranges = false;
+        }
+        None if latest.contains_key(&Input::Mpd) => {
+            tracing::debug!(configmap = mpd_name, "port-range ConfigMap missing: using the operator's shipped ranges");
+        }
+        None => {}
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cm(data: &[(&str, &str)], annotations: &[(&str, &str)]) -> Option<ConfigMap> {
+        let mut c = ConfigMap {
+            data: Some(data.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            ..ConfigMap::default()
+        };
+        c.metadata.annotations = Some(annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        Some(c)
+    }
+
+    #[test]
+    fn derives_from_the_three_configmaps() {
+        let mut latest = Latest::new();
+        latest.insert(Input::Ccm, cm(&[("NET_CARD_NAME", "eth9"), ("NET_MASK", "192.0.2.0/24")], &[]));
+        latest.insert(Input::Controller, cm(&[("enablePrintPort", "false")], &[]));
+        let mut bad = Vec::new();
+        let s = derive(&latest, "mpd", &mut |k, _, _| bad.push(k.to_owned()));
+        assert!(!s.synced, "the range ConfigMap has not been read yet");
+        assert!(s.default_ranges);
+        assert_eq!(s.net_card_name, "eth9");
+        assert_eq!(s.net_mask.as_deref(), Some("192.0.2.0/24"));
+        assert!(!s.enable_print_port && s.check_oob_ip);
+
+        latest.insert(Input::Mpd, cm(&[], &[("a", "100-200"), ("b", "300"), ("c", "9-1")]));
+        let s = derive(&latest, "mpd", &mut |k, _, _| bad.push(k.to_owned()));
+        assert!(s.synced && !s.default_ranges);
+        assert!(s.ranges.contains(200) && s.ranges.contains(300) && !s.ranges.contains(5400));
+        assert_eq!(bad, vec!["c"]);
+
+        latest.insert(Input::Mpd, None);
+        let s = derive(&latest, "mpd", &mut |_, _, _| {});
+        assert!(s.synced && s.default_ranges && s.ranges.contains(5400));
+    }
+}
