@@ -20,6 +20,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+pub mod fake_api;
 pub mod oracle;
 pub mod workload;
 

@@ -7,6 +7,7 @@
 //!   cargo xtask setup                   install the toolchain and mounts only
 //!   cargo xtask bench ports             port benchmarks (see daemon/examples)
 //!   cargo xtask bench logs              log sweep vs `find -delete` on a 1M-file tree
+//!   cargo xtask fake-apiserver [-- ARGS] the tests' fake Kubernetes API server, by hand
 use std::{
     env,
     path::{Path, PathBuf},
@@ -36,11 +37,12 @@ fn main() {
         "run" => run(&passthrough),
         "test" => test(&passthrough),
         "bench" => bench(rest.first().map(String::as_str).unwrap_or("ports")),
+        "fake-apiserver" => fake_apiserver(&passthrough),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n  run [-- FLAGS]    set up, build and run the daemon standalone on this host\n  \
                  test [-- ARGS]    set up, build and run every test\n  build-ebpf        build {OBJECT}\n  \
-                 setup             install the eBPF toolchain and mount tracefs\n  bench ports|logs  benchmarks"
+                 setup             install the eBPF toolchain and mount tracefs\n  bench ports|logs  benchmarks\n  fake-apiserver    serve the tests' fake Kubernetes API server (-- --help)"
             );
             exit(2);
         }
@@ -265,4 +267,10 @@ fn bench(which: &str) -> Result<()> {
         Command::new(root.join("target/release/examples").join(example))
             .env("POLARSTACK_DAEMON_BIN", root.join("target/release/polarstack-daemon")),
     )
+}
+
+/// The test suite's fake API server, for trying the daemon's cluster mode by
+/// hand: it prints a kubeconfig to pass as `--kubeconfig`.
+fn fake_apiserver(args: &[String]) -> Result<()> {
+    check(cargo().args(["run", "--quiet", "-p", "polarstack-tests", "--bin", "fake-apiserver", "--"]).args(args))
 }

@@ -72,7 +72,9 @@ pub fn spawn(
     shutdown: CancellationToken,
 ) -> watch::Receiver<Settings> {
     let (tx, rx) = watch::channel(Settings::default());
-    let (updates_tx, mut updates) = mpsc::channel::<(Input, Option<ConfigMap>)>(16);
+    // Unbounded: a dropped update would leave stale settings; there are at
+    // most a few per ConfigMap change.
+    let (updates_tx, mut updates) = mpsc::unbounded_channel::<(Input, Option<ConfigMap>)>();
     for (input, name) in [
         (Input::Ccm, CCM_CONFIG.to_owned()),
         (Input::Controller, CONTROLLER_CONFIG.to_owned()),
@@ -90,7 +92,7 @@ pub fn spawn(
             // An error after the first sync keeps the last settings: stale
             // ranges beat none while the API server is away.
             if view.synced {
-                let _ = updates_tx.try_send((input, view.objects.values().next().cloned()));
+                let _ = updates_tx.send((input, view.objects.values().next().cloned()));
             }
         }));
     }

@@ -1,0 +1,361 @@
+//! The Kubernetes sink, end to end: the real daemon binary with its eBPF
+//! programs, in a fresh network namespace, against the fake API server
+//! (tests/src/fake_api), which is the one stand-in these machines need.
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
+    process::Command,
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use polarstack_tests::{
+    fake_api::{FakeApi, Fault},
+    in_new_netns, wait_for, Daemon,
+};
+use serde_json::{json, Value};
+use socket2::{Domain, Protocol, Socket, Type};
+
+const NODE: &str = "node-a";
+const NS: &str = "kube-system";
+/// Long enough for a write to reach the fake, short enough to keep the suite quick.
+const SOON: Duration = Duration::from_secs(15);
+
+fn usage_cm(node: &str) -> String {
+    format!("cloud-provider-port-usage-{node}")
+}
+
+/// Seeds what a PolarDB Stack cluster has: the node, the operator's
+/// ConfigMaps with port ranges (a range with its upper bound in play, a
+/// single port), controller-config and ccm-config.
+fn seed(api: &FakeApi, node: &str, ranges: &[(&str, &str)]) {
+    api.put(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node},
+        "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready status",
+            "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}));
+    set_ranges(api, ranges);
+    set_print_port(api, true);
+    api.put(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ccm-config", "namespace": NS},
+        "data": {"NET_CARD_NAME": "eth0"}}));
+}
+
+fn set_ranges(api: &FakeApi, ranges: &[(&str, &str)]) {
+    let annotations: serde_json::Map<String, Value> =
+        ranges.iter().map(|(k, v)| (k.to_string(), Value::from(*v))).collect();
+    api.put(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "polardb4mpd-controller", "namespace": NS, "annotations": annotations},
+        "data": {"Pbx.Next.External.Port": "20001"}}));
+}
+
+fn set_print_port(api: &FakeApi, on: bool) {
+    api.put(
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "controller-config", "namespace": NS},
+        "data": {"enablePrintPort": on.to_string(), "isCheckOObIP": "false"}}),
+    );
+}
+
+fn daemon_for(api_kubeconfig: &std::path::Path, node: &str, extra: &[&str]) -> Daemon {
+    let kc = api_kubeconfig.to_str().expect("utf-8 path");
+    let mut args = vec!["--kubeconfig", kc, "--current-node-name", node, "--publish-debounce", "50ms"];
+    args.extend_from_slice(extra);
+    let mut d = Daemon::start(&args);
+    d.wait_ready();
+    d
+}
+
+/// The port keys of a node's usage ConfigMap, or None while it does not exist.
+fn keys(api: &FakeApi, node: &str) -> Option<BTreeSet<u16>> {
+    let cm = api.get("configmaps", Some(NS), &usage_cm(node))?;
+    let data = cm["data"].as_object().cloned().unwrap_or_default();
+    Some(
+        data.iter()
+            .map(|(k, v)| {
+                assert_eq!(v, "the port already use", "value of key {k}");
+                k.parse().unwrap_or_else(|_| panic!("key {k:?} is not a port"))
+            })
+            .collect(),
+    )
+}
+
+fn wait_keys(api: &FakeApi, d: &mut Daemon, node: &str, want: &[u16]) {
+    let want: BTreeSet<u16> = want.iter().copied().collect();
+    if !wait_for(SOON, || keys(api, node).as_ref() == Some(&want)) {
+        panic!("ConfigMap keys {:?}, expected {want:?}\n{}", keys(api, node), d.log_text());
+    }
+}
+
+fn tcp_listen(port: u16) -> Socket {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+    s.set_reuse_address(true).expect("SO_REUSEADDR");
+    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into()).expect("bind");
+    s.listen(8).expect("listen");
+    s
+}
+
+fn udp_bind(port: u16) -> Socket {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).expect("socket");
+    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into()).expect("bind");
+    s
+}
+
+#[test]
+fn ports_inside_the_watched_ranges_are_published_and_withdrawn() {
+    in_new_netns(|| {
+        let api = FakeApi::start();
+        seed(&api, NODE, &[("polarbox.mpd.port.range", "20000-20010"), ("polarbox.single", "20020")]);
+        // A key left by the Go daemon before the upgrade, for a port nobody holds.
+        api.put(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": usage_cm(NODE), "namespace": NS},
+            "data": {"20005": "the port already use"}}));
+        let mut d = daemon_for(api.kubeconfig_path(), NODE, &[]);
+        // Created (and the stale key dropped) while nothing is bound.
+        wait_keys(&api, &mut d, NODE, &[]);
+        let cm = api.get("configmaps", Some(NS), &usage_cm(NODE)).expect("usage ConfigMap");
+        let ts = cm["metadata"]["annotations"]["updateTimestamp"].as_str().expect("updateTimestamp");
+        assert!(ts.len() == 20 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T', "UTC YYYY-MM-DDTHH:MM:SSZ: {ts}");
+        let node_uid = api.get("nodes", None, NODE).expect("node")["metadata"]["uid"].clone();
+        assert_eq!(cm["metadata"]["ownerReferences"][0]["kind"], "Node");
+        assert_eq!(cm["metadata"]["ownerReferences"][0]["uid"], node_uid, "owned by this Node: removed with it");
+
+        // The upper bound of a range and a single-port range count (the
+        // original missed both); UDP counts; a port outside every range never appears.
+        let upper = tcp_listen(20010);
+        let single = udp_bind(20020);
+        let outside = tcp_listen(20500);
+        let lower = tcp_listen(20000);
+        wait_keys(&api, &mut d, NODE, &[20000, 20010, 20020]);
+        drop(upper);
+        wait_keys(&api, &mut d, NODE, &[20000, 20020]);
+        drop((single, lower));
+        wait_keys(&api, &mut d, NODE, &[]);
+        drop(outside);
+
+        // Writes go through server-side apply under the daemon's field manager.
+        let writes: Vec<_> =
+            api.requests().into_iter().filter(|r| r.is_write() && r.path.contains(&usage_cm(NODE))).collect();
+        assert!(writes.iter().any(|r| r.param("fieldManager").as_deref() == Some("polarstack-daemon")
+            && r.content_type.as_deref().is_some_and(|c| c.starts_with("application/apply-patch"))));
+        assert!(writes.iter().all(|r| r.method == "PATCH"), "never a blind full update: {writes:?}");
+    });
+}
+
+#[test]
+fn host_ports_and_live_settings_apply_without_restart() {
+    in_new_netns(|| {
+        let api = FakeApi::start();
+        seed(&api, NODE, &[("polarbox.mpd.port.range", "20000-20010")]);
+        let mut d = daemon_for(api.kubeconfig_path(), NODE, &[]);
+        wait_keys(&api, &mut d, NODE, &[]);
+
+        // A hostPort of a pod on this node is taken; one on another node is not.
+        for (name, node, port) in [("db-here", NODE, 20003), ("db-there", "node-b", 20004)] {
+            api.put(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
+                "spec": {"nodeName": node, "containers": [{"name": "pg", "image": "pg",
+                    "ports": [{"containerPort": 5432, "hostPort": port}]}]},
+                "status": {"phase": "Running"}}));
+        }
+        wait_keys(&api, &mut d, NODE, &[20003]);
+        let view = d.get_ok("/api/v2/kubernetes");
+        assert_eq!(view["host_ports"]["ports"][0]["port"], 20003, "{view}");
+        // The HTTP API agrees: taken though no socket holds it, never offered free.
+        let one = d.get_ok("/api/v2/ports/20003");
+        assert_eq!(
+            (one["taken"].clone(), one["host_ports"][0]["pod"].clone()),
+            (json!(true), json!("default/db-here"))
+        );
+        assert_eq!(d.get_ok("/api/v2/ports/free?from=20003&to=20004")["ports"], json!([20004]));
+
+        // New ranges apply live: 20041 becomes watched, 20000-20010 does not.
+        let _held = tcp_listen(20041);
+        set_ranges(&api, &[("polarbox.new", "20040-20041")]);
+        wait_keys(&api, &mut d, NODE, &[20041]);
+
+        // enablePrintPort=false stops publishing; true resumes it.
+        set_print_port(&api, false);
+        assert!(wait_for(SOON, || d.get_ok("/api/v2/kubernetes")["settings"]["enable_print_port"] == false));
+        let _later = tcp_listen(20040);
+        thread::sleep(Duration::from_millis(500));
+        assert_eq!(keys(&api, NODE), Some(BTreeSet::from([20041])), "publishing is paused");
+        set_print_port(&api, true);
+        wait_keys(&api, &mut d, NODE, &[20040, 20041]);
+
+        // Bad range values are skipped with a warning; the good ones still apply.
+        set_ranges(&api, &[("bad", "20045-20040"), ("worse", "0-99999"), ("good", "20040")]);
+        wait_keys(&api, &mut d, NODE, &[20040]);
+        assert!(d.log_text().contains("skipping a port range"), "{}", d.log_text());
+    });
+}
+
+#[test]
+fn an_api_outage_and_throttling_degrade_but_never_crash() {
+    in_new_netns(|| {
+        let api = FakeApi::start();
+        seed(&api, NODE, &[("r", "20000-20010")]);
+        let mut d = daemon_for(api.kubeconfig_path(), NODE, &[]);
+        wait_keys(&api, &mut d, NODE, &[]);
+
+        api.set_down(true);
+        let _a = tcp_listen(20001);
+        // HTTP keeps answering from local state while the API server is away.
+        assert!(wait_for(SOON, || d.metric("polarstack_kube_publish_pending{object=\"port_usage\"}") == 1.0));
+        assert_eq!(d.get_ok("/api/v2/ports/20001")["taken"], true);
+        assert_eq!(d.get("/healthz").expect("healthz").0, 200);
+        assert_eq!(keys(&api, NODE), Some(BTreeSet::new()), "nothing could be written");
+        api.set_down(false);
+        wait_keys(&api, &mut d, NODE, &[20001]);
+
+        // A burst of 429s on writes: retried with backoff, then published.
+        api.inject(Fault::too_many_requests(1).method("PATCH").times(3));
+        let _b = tcp_listen(20002);
+        wait_keys(&api, &mut d, NODE, &[20001, 20002]);
+        let throttled = api.requests().iter().filter(|r| r.method == "PATCH" && r.status == 429).count();
+        assert_eq!(throttled, 3, "each 429 was retried");
+        // kube's client retries a 429 itself after its Retry-After; the
+        // daemon's own backoff covers the outage, which it counted.
+        let sample = "polarstack_kube_requests_total{verb=\"apply\",resource=\"configmaps\",result=\"unreachable\"}";
+        assert!(d.metric(sample) >= 1.0);
+        assert_eq!(d.get("/healthz").expect("daemon alive").0, 200);
+    });
+}
+
+#[test]
+fn a_quiet_node_makes_no_writes_and_lists_no_nodes() {
+    in_new_netns(|| {
+        let api = FakeApi::start();
+        seed(&api, NODE, &[("r", "20000-20010")]);
+        let _held = tcp_listen(20005);
+        let mut d = daemon_for(api.kubeconfig_path(), NODE, &[]);
+        wait_keys(&api, &mut d, NODE, &[20005]);
+        // Let the start-up writes (conditions) settle, then watch a quiet period.
+        assert!(wait_for(SOON, || d.get_ok("/api/v2/kubernetes")["node_status"]["writes"].as_u64() >= Some(1)));
+        thread::sleep(Duration::from_secs(1));
+        api.clear_requests();
+        let quiet = Duration::from_secs(10);
+        thread::sleep(quiet);
+        let reqs = api.requests();
+        let writes: Vec<_> = reqs.iter().filter(|r| r.is_write()).collect();
+        let node_lists: Vec<_> = reqs.iter().filter(|r| r.method == "GET" && r.path == "/api/v1/nodes").collect();
+        eprintln!("quiet {quiet:?}: {} requests in all: {reqs:?}", reqs.len());
+        assert!(writes.is_empty(), "writes while nothing changed: {writes:?}");
+        assert!(node_lists.is_empty(), "cluster-wide node lists: {node_lists:?}");
+    });
+}
+
+#[test]
+fn node_heartbeat_keeps_transition_time_and_other_conditions() {
+    in_new_netns(|| {
+        let api = FakeApi::start();
+        seed(&api, NODE, &[("r", "20000-20010")]);
+        let mut d = daemon_for(api.kubeconfig_path(), NODE, &["--node-heartbeat-interval", "1s"]);
+        let cond = |api: &FakeApi, t: &str| -> Option<Value> {
+            let node = api.get("nodes", None, NODE)?;
+            node["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == t).cloned()
+        };
+        assert!(wait_for(SOON, || cond(&api, "NodeRefreshFlag").is_some()), "{}", d.log_text());
+        let first = cond(&api, "NodeRefreshFlag").expect("NodeRefreshFlag");
+        assert_eq!(
+            (&first["status"], &first["reason"], &first["message"]),
+            (&json!("True"), &json!("Refresh"), &json!("Refresh"))
+        );
+        // Heartbeat times are whole seconds: wait until one has moved on.
+        let moved = wait_for(SOON, || {
+            cond(&api, "NodeRefreshFlag").is_some_and(|c| c["lastHeartbeatTime"] != first["lastHeartbeatTime"])
+        });
+        assert!(moved, "no heartbeat\n{}", d.log_text());
+        let later = cond(&api, "NodeRefreshFlag").expect("NodeRefreshFlag");
+        assert_eq!(later["lastTransitionTime"], first["lastTransitionTime"], "no flip, no transition");
+        let ready = cond(&api, "Ready").expect("kubelet's condition kept");
+        assert_eq!(ready["lastHeartbeatTime"], "2026-01-01T00:00:00Z", "other conditions untouched");
+        // Only this node's status subresource is written.
+        for r in api.requests().iter().filter(|r| r.is_write() && r.path.contains("/nodes")) {
+            assert_eq!(r.path, format!("/api/v1/nodes/{NODE}/status"), "{r:?}");
+        }
+        let _ = d.terminate();
+    });
+}
+
+#[test]
+fn cluster_mode_without_a_node_name_is_a_clear_error() {
+    in_new_netns(|| {
+        let api = FakeApi::start();
+        let out = Command::new(polarstack_tests::daemon_bin())
+            .args(["--kubeconfig", api.kubeconfig_path().to_str().expect("path"), "--port", "8900"])
+            .env_remove("CURRENT_NODE_NAME")
+            .output()
+            .expect("run the daemon");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--current-node-name"), "{err}");
+        let reqs = api.requests();
+        assert!(reqs.iter().all(|r| !r.is_write()), "nothing written: {reqs:?}");
+    });
+}
+
+/// Runs a command, panicking with its output on failure.
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().expect("run");
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The operator's reading (COMPAT.md): the union of keys over all nodes'
+/// ConfigMaps is the set of ports taken on any node. Two daemons in two
+/// network namespaces (two hosts) joined by a veth, one fake API server.
+#[test]
+fn the_union_over_two_nodes_is_every_port_taken_on_either() {
+    in_new_netns(|| {
+        // Host A: this namespace; the API server listens on its veth address too.
+        let api = FakeApi::start_on(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))).expect("fake API");
+        seed(&api, "node-a", &[("r", "20000-20020")]);
+        api.put(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-b"}}));
+        let kc_b = std::env::temp_dir().join(format!("kube-test-b-{}.kubeconfig", std::process::id()));
+        let text = std::fs::read_to_string(api.kubeconfig_path()).expect("kubeconfig");
+        std::fs::write(&kc_b, text.replace("0.0.0.0", "198.51.100.1")).expect("write kubeconfig");
+
+        // Host B: a thread in its own namespace, pinned by a child process so
+        // the veth end can be moved there by pid.
+        let (to_a, from_b) = mpsc::channel::<u32>();
+        let (to_b, from_a) = mpsc::channel::<()>();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let kc_b2 = kc_b.clone();
+        let host_b = thread::spawn(move || {
+            // SAFETY: unshare affects only this thread.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+            let mut pin = Command::new("sleep").arg("600").spawn().expect("sleep");
+            to_a.send(pin.id()).expect("send pid");
+            from_a.recv().expect("veth moved");
+            sh(&["ip", "link", "set", "lo", "up"]);
+            sh(&["ip", "addr", "add", "198.51.100.2/24", "dev", "vb"]);
+            sh(&["ip", "link", "set", "vb", "up"]);
+            let held_b = [tcp_listen(20002), tcp_listen(20003)];
+            let mut d = daemon_for(&kc_b2, "node-b", &[]);
+            // Wait until told to stop, keeping the sockets and the daemon.
+            let _ = done_rx.recv_timeout(Duration::from_secs(120));
+            drop((held_b, d.terminate()));
+            let _ = pin.kill();
+            let _ = pin.wait();
+        });
+        let pid = from_b.recv().expect("host B started");
+        sh(&["ip", "link", "add", "va", "type", "veth", "peer", "name", "vb"]);
+        sh(&["ip", "link", "set", "vb", "netns", &pid.to_string()]);
+        sh(&["ip", "addr", "add", "198.51.100.1/24", "dev", "va"]);
+        sh(&["ip", "link", "set", "va", "up"]);
+        to_b.send(()).expect("tell host B");
+
+        let held_a = [tcp_listen(20001), tcp_listen(20003), tcp_listen(20030)];
+        let mut d = daemon_for(api.kubeconfig_path(), "node-a", &[]);
+        let want: BTreeSet<u16> = [20001, 20002, 20003].into();
+        let deadline = Instant::now() + SOON * 2;
+        let union = || -> BTreeSet<u16> {
+            ["node-a", "node-b"].iter().flat_map(|n| keys(&api, n).unwrap_or_default()).collect()
+        };
+        while union() != want && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(union(), want, "a: {:?} b: {:?}\n{}", keys(&api, "node-a"), keys(&api, "node-b"), d.log_text());
+        assert_eq!(keys(&api, "node-a"), Some([20001, 20003].into()));
+        assert_eq!(keys(&api, "node-b"), Some([20002, 20003].into()));
+        let _ = done_tx.send(());
+        host_b.join().expect("host B");
+        drop(held_a);
+        let _ = std::fs::remove_file(&kc_b);
+    });
+}
