@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 
 use super::config::SweepConfig;
 use super::fsx::{self, Kind, Meta, MountIdentity, OpenDirError, MAX_DEPTH};
-use super::report::{rfc3339, unix_seconds, KeepReason, KeptEntry, RemovedEntry, Rule, SweepIssue, SweepReport};
+use super::report::{unix_seconds, KeepReason, KeptEntry, RemovedEntry, Rule, SweepIssue, SweepReport};
 use super::{LiveInstances, SweepError};
 
 const NS_PER_DAY: i128 = 86_400 * 1_000_000_000;
@@ -82,7 +82,7 @@ pub(crate) async fn run(
     let started = SystemTime::now();
     let clock = Instant::now();
     let mut report = SweepReport {
-        started_at: rfc3339(started),
+        started_at: crate::time::rfc3339_millis(started),
         finished_at: String::new(),
         started_unix: unix_seconds(started),
         duration_seconds: 0.0,
@@ -151,7 +151,7 @@ fn finish(mut report: SweepReport, clock: Instant, err: Option<SweepError>) -> (
     }
     report.normalise();
     report.duration_seconds = clock.elapsed().as_secs_f64();
-    report.finished_at = rfc3339(SystemTime::now());
+    report.finished_at = crate::time::rfc3339_millis(SystemTime::now());
     (report, err)
 }
 
