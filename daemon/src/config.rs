@@ -8,6 +8,7 @@ use clap::Parser;
 use crate::{
     kube::{Access, ClusterConfig},
     logs::LogSweepArgs,
+    network::NicConfig,
     ports::PortsConfig,
     telemetry::LogFormat,
 };
@@ -46,6 +47,16 @@ pub struct Flags {
     /// Kubernetes API server address (overrides the kubeconfig's).
     #[arg(long)]
     pub master: Option<String>,
+
+    /// The client-network NIC; `NET_CARD_NAME` of `ccm-config` overrides it
+    /// in cluster mode.
+    #[arg(long, env = "NET_CARD_NAME", default_value = "bond1")]
+    pub net_card_name: String,
+
+    /// The client subnet (`192.0.2.0/24`) or mask (`255.255.255.0`) that
+    /// picks the client IP when the NIC has several; `ccm-config` overrides it.
+    #[arg(long, env = "NET_MASK")]
+    pub net_mask: Option<String>,
 
     /// Period of the Node-condition heartbeat (`NodeRefreshFlag`'s
     /// lastHeartbeatTime). Conditions that change are written at once.
@@ -184,6 +195,10 @@ impl Flags {
             heartbeat: self.node_heartbeat_interval,
             publish_debounce: self.publish_debounce,
         }
+    }
+
+    pub fn nic_config(&self) -> NicConfig {
+        NicConfig { name: self.net_card_name.clone(), net_mask: self.net_mask.clone().filter(|m| !m.trim().is_empty()) }
     }
 
     pub fn ports_config(&self) -> PortsConfig {

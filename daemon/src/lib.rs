@@ -9,6 +9,7 @@
 //! - [`kube`]: cluster inputs (watched ConfigMaps and pods) and the
 //!   Kubernetes sinks (the port-usage ConfigMap, Node conditions); absent in
 //!   standalone mode.
+//! - [`network`]: the client NIC's state and address, from rtnetlink events.
 //! - [`http`]: the HTTP sink (health, readiness, metrics, the native API).
 //! - [`config`]: flags, including the original daemon's; [`telemetry`]: logs
 //!   and the metrics text writer; [`time`]: timestamp layouts.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod http;
 pub mod kube;
 pub mod logs;
+pub mod network;
 pub mod ports;
 pub mod telemetry;
 pub mod time;
@@ -33,6 +35,8 @@ pub enum RunError {
     Ports(#[from] ports::StartError),
     #[error(transparent)]
     Cluster(#[from] kube::ClusterError),
+    #[error(transparent)]
+    Network(#[from] network::NetworkError),
     #[error("log sweep settings: {0}")]
     Logs(#[from] logs::LogSweepConfigError),
     #[error("serving HTTP on {addr}: {source}")]
@@ -56,10 +60,15 @@ pub async fn run(flags: config::Flags) -> Result<(), RunError> {
             Arc::new(logs::Standalone)
         }
     };
+    let (conditions, nic) = match &cluster {
+        Some(c) => (c.conditions.clone(), kube::settings::nic_config(c.settings.clone(), flags.nic_config())),
+        None => (kube::node_status::NodeConditions::standalone(), tokio::sync::watch::channel(flags.nic_config()).1),
+    };
+    let network = network::spawn(nic, conditions, shutdown.clone())?;
     let sweep_policy = http::logs::HttpSweepPolicy::from_args(&flags.logs);
     let sweeps = logs::spawn(flags.logs.clone(), owners, shutdown.clone())?;
     let addr = SocketAddr::new(flags.listen_address, flags.port);
-    let state = http::AppState { ports, cluster, logs: sweeps, sweep_policy, shutdown: shutdown.clone() };
+    let state = http::AppState { ports, network, cluster, logs: sweeps, sweep_policy, shutdown: shutdown.clone() };
     let mut server = tokio::spawn(http::serve(addr, state));
     let outcome = tokio::select! {
         res = &mut server => match res {

@@ -359,3 +359,105 @@ fn the_union_over_two_nodes_is_every_port_taken_on_either() {
         let _ = std::fs::remove_file(&kc_b);
     });
 }
+
+fn condition(api: &FakeApi, node: &str, t: &str) -> Option<Value> {
+    let n = api.get("nodes", None, node)?;
+    n["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == t).cloned()
+}
+
+fn wait_condition(api: &FakeApi, d: &mut Daemon, t: &str, status: &str, reason: &str, message: &str) -> Value {
+    let ok = wait_for(SOON, || {
+        condition(api, NODE, t)
+            .is_some_and(|c| c["status"] == status && c["reason"] == reason && c["message"] == message)
+    });
+    assert!(ok, "{t}: want {status}/{reason}/{message}, have {:?}\n{}", condition(api, NODE, t), d.log_text());
+    condition(api, NODE, t).expect("condition")
+}
+
+/// The client NIC (a veth whose peer a test flips) drives NodeClientIP and
+/// NodeClientNetworkUnavailable through rtnetlink events; ccm-config picks
+/// the NIC and the subnet, live.
+#[test]
+fn client_network_conditions_follow_the_nic() {
+    in_new_netns(|| {
+        sh(&["ip", "link", "add", "cn0", "type", "veth", "peer", "name", "cn0p"]);
+        sh(&["ip", "addr", "add", "192.0.2.10/24", "dev", "cn0"]);
+        sh(&["ip", "addr", "add", "198.51.100.10/24", "dev", "cn0"]);
+        sh(&["ip", "link", "set", "cn0", "up"]);
+        sh(&["ip", "link", "set", "cn0p", "up"]);
+        let api = FakeApi::start();
+        seed(&api, NODE, &[("r", "20000-20010")]);
+        let ccm = |nic: &str| {
+            api.put(
+                json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ccm-config", "namespace": NS},
+                "data": {"NET_CARD_NAME": nic, "NET_MASK": "198.51.100.0/24"}}),
+            );
+        };
+        ccm("cn0");
+        let mut d = daemon_for(api.kubeconfig_path(), NODE, &[]);
+        let up = wait_condition(&api, &mut d, "NodeClientNetworkUnavailable", "False", "StateUP", "cn0 StateUP");
+        wait_condition(&api, &mut d, "NodeClientIP", "True", "cn0", "198.51.100.10");
+        let net = d.get_ok("/api/v2/network");
+        assert_eq!((net["nic"].clone(), net["client_ip"].clone()), (json!("cn0"), json!("198.51.100.10")), "{net}");
+
+        // The peer goes down: carrier lost, the NIC is down.
+        sh(&["ip", "link", "set", "cn0p", "down"]);
+        let down = wait_condition(&api, &mut d, "NodeClientNetworkUnavailable", "True", "StateDown", "cn0 StateDown");
+        assert_ne!(down["lastTransitionTime"], Value::Null);
+        sh(&["ip", "link", "set", "cn0p", "up"]);
+        wait_condition(&api, &mut d, "NodeClientNetworkUnavailable", "False", "StateUP", "cn0 StateUP");
+        let _ = up;
+
+        // The client address changes.
+        sh(&["ip", "addr", "del", "198.51.100.10/24", "dev", "cn0"]);
+        sh(&["ip", "addr", "add", "198.51.100.11/24", "dev", "cn0"]);
+        let ip = wait_condition(&api, &mut d, "NodeClientIP", "True", "cn0", "198.51.100.11");
+        // The address changed, not the status: no transition.
+        let before = ip["lastTransitionTime"].clone();
+
+        // ccm-config names a NIC that does not exist: unknown, no client IP.
+        ccm("missing0");
+        wait_condition(&api, &mut d, "NodeClientNetworkUnavailable", "True", "StateUnKnown", "missing0 StateUnKnown");
+        wait_condition(&api, &mut d, "NodeClientIP", "False", "missing0", "0.0.0.0");
+        // Condition times are whole seconds: let one pass so a transition shows.
+        thread::sleep(Duration::from_millis(1100));
+        ccm("cn0");
+        let back = wait_condition(&api, &mut d, "NodeClientIP", "True", "cn0", "198.51.100.11");
+        assert_ne!(back["lastTransitionTime"], before, "False then True again is a transition");
+
+        // isCheckOObIP is false in the seed: no NodeOobIP written.
+        assert!(condition(&api, NODE, "NodeOobIP").is_none());
+        // The kubelet's condition is untouched throughout.
+        assert_eq!(condition(&api, NODE, "Ready").expect("Ready")["lastHeartbeatTime"], "2026-01-01T00:00:00Z");
+    });
+}
+
+#[test]
+fn compat_v1_endpoints_answer_in_the_original_envelope() {
+    in_new_netns(|| {
+        let api = FakeApi::start();
+        seed(&api, NODE, &[("r", "20000-20010")]);
+        api.put(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-s"},
+            "status": {"conditions": [{"type": "StandbyIP", "status": "True", "reason": "x", "message": "192.0.2.77"}]}}));
+        api.put(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "pg-1", "namespace": "db"},
+            "spec": {"nodeName": "node-s", "containers": [{"name": "pg", "image": "pg"}]}}));
+        let d = daemon_for(api.kubeconfig_path(), NODE, &[]);
+
+        let (code, v) = d.get("/api/v1/TestConn").expect("TestConn");
+        assert_eq!((code, v["code"].clone(), v["data"].clone()), (200, json!("1"), json!({"message": "connected"})));
+        assert!(v["requestId"].as_str().is_some_and(|r| !r.is_empty()), "{v}");
+
+        let (code, v) = d.get("/api/v1/GetStandByIp?podName=pg-1&namespace=db").expect("GetStandByIp");
+        assert_eq!((code, v["code"].clone(), v["data"].clone()), (200, json!("1"), json!("192.0.2.77")), "{v}");
+
+        let (code, v) = d.get("/api/v1/GetStandByIp").expect("GetStandByIp");
+        assert_eq!((code, v["code"].clone()), (400, json!("0")), "{v}");
+        assert!(v["message"].as_str().is_some_and(|m| m.contains("podName")), "{v}");
+
+        let (code, v) = d.get("/api/v1/GetStandByIp?podName=nobody").expect("GetStandByIp");
+        assert!(
+            code >= 400 && v["code"] == "0" && v["message"].as_str().is_some_and(|m| m.contains("not found")),
+            "{code} {v}"
+        );
+    });
+}

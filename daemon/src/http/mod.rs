@@ -1,5 +1,6 @@
 //! The HTTP sink: health, readiness, metrics and the native v2 API, served by
 //! axum on `--port`. Handlers only read domain state; they never write it.
+pub mod compat;
 pub mod error;
 pub mod logs;
 pub mod ports;
@@ -15,18 +16,21 @@ use axum::{
     Json, Router,
 };
 use serde_json::json;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use self::error::ApiError;
 use crate::{
     kube::{Cluster, ClusterView},
     logs::SweepHandle,
+    network::NetworkState,
     ports::Ports,
 };
 
 #[derive(Clone)]
 pub struct AppState {
     pub ports: Ports,
+    pub network: watch::Receiver<NetworkState>,
     /// None in standalone mode.
     pub cluster: Option<Cluster>,
     pub logs: SweepHandle,
@@ -41,6 +45,8 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v2/kubernetes", get(kubernetes))
+        .route("/api/v2/network", get(network))
+        .merge(compat::routes())
         .merge(ports::routes())
         .with_state(state)
         .merge(sweeps)
@@ -100,6 +106,11 @@ async fn metrics(State(st): State<AppState>) -> Response {
 /// hostPorts, and how publishing fares.
 async fn kubernetes(State(st): State<AppState>) -> Json<ClusterView> {
     Json(Cluster::view(st.cluster.as_ref()))
+}
+
+/// The client NIC: state, addresses, the chosen client IP, last change.
+async fn network(State(st): State<AppState>) -> Json<NetworkState> {
+    Json(st.network.borrow().clone())
 }
 
 async fn not_found(uri: Uri) -> ApiError {

@@ -70,6 +70,8 @@ pub struct ClusterConfig {
 #[derive(Clone)]
 pub struct Cluster {
     pub node: String,
+    /// For the compat endpoints that read the cluster on request.
+    pub client: kube::Client,
     pub metrics: Arc<ApiMetrics>,
     pub settings: watch::Receiver<Settings>,
     pub host_ports: watch::Receiver<HostPorts>,
@@ -151,9 +153,10 @@ pub async fn start(
     let nodes: Api<Node> = Api::all(client.clone());
     let (conditions, node_status) =
         node_status::spawn(nodes.clone(), node.clone(), cfg.heartbeat, metrics.clone(), shutdown.clone());
+    spawn_oob(settings.clone(), conditions.clone());
     let (usage_tx, port_usage) = watch::channel(PublishState::default());
     let publisher = port_usage::Publisher {
-        api: Api::<ConfigMap>::namespaced(client, NAMESPACE),
+        api: Api::<ConfigMap>::namespaced(client.clone(), NAMESPACE),
         nodes,
         node: node.clone(),
         ports,
@@ -164,7 +167,34 @@ pub async fn start(
         debounce: cfg.publish_debounce,
     };
     tokio::spawn(publisher.run(shutdown));
-    Ok(Some(Cluster { node, metrics, settings, host_ports, port_usage, node_status, conditions, live_instances }))
+    Ok(Some(Cluster {
+        node,
+        client,
+        metrics,
+        settings,
+        host_ports,
+        port_usage,
+        node_status,
+        conditions,
+        live_instances,
+    }))
+}
+
+/// Sets `NodeOobIP` whenever `isCheckOObIP` is (or turns) on.
+fn spawn_oob(mut settings: watch::Receiver<Settings>, conditions: NodeConditions) {
+    tokio::spawn(async move {
+        let mut set = false;
+        loop {
+            let s = settings.borrow_and_update().clone();
+            if s.synced && s.check_oob_ip && !set {
+                conditions.set(node_status::oob_ip());
+            }
+            set = s.synced && s.check_oob_ip;
+            if settings.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 #[cfg(test)]

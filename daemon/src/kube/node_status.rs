@@ -55,6 +55,22 @@ pub fn refresh_flag() -> Condition {
     Condition::new("NodeRefreshFlag", true, "Refresh", "Refresh")
 }
 
+/// `NodeOobIP` (COMPAT.md): the BMC address when `isCheckOObIP`. Reading it
+/// needs the IPMI device; until that is implemented, and on hosts without
+/// one, the condition says so (False with a reason), never an empty success.
+pub fn oob_ip() -> Condition {
+    if std::path::Path::new("/dev/ipmi0").exists() {
+        Condition::new(
+            "NodeOobIP",
+            false,
+            "BMCAddressUnsupported",
+            "reading the BMC address over /dev/ipmi0 is not implemented yet",
+        )
+    } else {
+        Condition::new("NodeOobIP", false, "NoIPMIDevice", "no IPMI device (/dev/ipmi0): the BMC address is unknown")
+    }
+}
+
 /// Sets conditions on this node; cheap to clone. Without a cluster it is a
 /// no-op sink, so domains need not know the mode.
 #[derive(Clone)]

@@ -14,6 +14,8 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::network::NicConfig;
+
 use super::{
     client::ApiMetrics,
     mirror,
@@ -35,8 +37,9 @@ pub struct Settings {
     pub enable_print_port: bool,
     /// `controller-config` `isCheckOObIP` (default true).
     pub check_oob_ip: bool,
-    /// `ccm-config` `NET_CARD_NAME` (default `bond1`) and `NET_MASK`.
-    pub net_card_name: String,
+    /// `ccm-config` `NET_CARD_NAME` and `NET_MASK`; when absent, the flags
+    /// (which the DaemonSet fills from the same keys) apply.
+    pub net_card_name: Option<String>,
     pub net_mask: Option<String>,
 }
 
@@ -48,7 +51,7 @@ impl Default for Settings {
             default_ranges: true,
             enable_print_port: true,
             check_oob_ip: true,
-            net_card_name: "bond1".into(),
+            net_card_name: None,
             net_mask: None,
         }
     }
@@ -115,12 +118,36 @@ pub fn spawn(
                     ranges = ?next.ranges.watched.iter().map(|r| (r.from, r.to)).collect::<Vec<_>>(),
                     default_ranges = next.default_ranges,
                     enable_print_port = next.enable_print_port,
-                    net_card_name = %next.net_card_name,
+                    net_card_name = ?next.net_card_name,
                     "cluster settings changed"
                 );
                 *cur = next;
                 true
             });
+        }
+    });
+    rx
+}
+
+/// The client NIC to watch: `ccm-config`'s keys where present, else the
+/// flags (`fallback`). Changes apply live.
+pub fn nic_config(mut settings: watch::Receiver<Settings>, fallback: NicConfig) -> watch::Receiver<NicConfig> {
+    let pick = move |s: &Settings| NicConfig {
+        name: s.net_card_name.clone().unwrap_or_else(|| fallback.name.clone()),
+        net_mask: s.net_mask.clone().or_else(|| fallback.net_mask.clone()),
+    };
+    let (tx, rx) = watch::channel(pick(&settings.borrow_and_update()));
+    tokio::spawn(async move {
+        while settings.changed().await.is_ok() {
+            let next = pick(&settings.borrow_and_update());
+            tx.send_if_modified(|cur| {
+                let changed = *cur != next;
+                *cur = next;
+                changed
+            });
+            if tx.is_closed() {
+                return;
+            }
         }
     });
     rx
@@ -149,7 +176,7 @@ fn derive(latest: &Latest, mpd_name: &str, warn: &mut dyn FnMut(&str, &str, &Ran
     s.check_oob_ip = flag(data(Input::Controller), "isCheckOObIP", true);
     if let Some(nic) = data(Input::Ccm).and_then(|d| d.get("NET_CARD_NAME")).map(|v| v.trim()).filter(|v| !v.is_empty())
     {
-        s.net_card_name = nic.to_owned();
+        s.net_card_name = Some(nic.to_owned());
     }
     s.net_mask =
         data(Input::Ccm).and_then(|d| d.get("NET_MASK")).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
@@ -194,7 +221,7 @@ mod tests {
         let s = derive(&latest, "mpd", &mut |k, _, _| bad.push(k.to_owned()));
         assert!(!s.synced, "the range ConfigMap has not been read yet");
         assert!(s.default_ranges);
-        assert_eq!(s.net_card_name, "eth9");
+        assert_eq!(s.net_card_name.as_deref(), Some("eth9"));
         assert_eq!(s.net_mask.as_deref(), Some("192.0.2.0/24"));
         assert!(!s.enable_print_port && s.check_oob_ip);
 

@@ -1,0 +1,363 @@
+//! The client network: is the client NIC up, and which address is the
+//! client IP. The original polled `ip a` over root ssh every 3 s; here
+//! rtnetlink multicast events (links, IPv4 and IPv6 addresses) in the
+//! daemon's network namespace trigger a dump of that one NIC, which is the
+//! state. A dump also runs at start, when the NIC's name changes, and every
+//! `RESYNC` as a safety net for events lost in a full socket buffer.
+//!
+//! One task owns [`NetworkState`]; the HTTP sink reads it, and in cluster
+//! mode the node-condition writer receives `NodeClientIP` and
+//! `NodeClientNetworkUnavailable` from it.
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::{Duration, SystemTime},
+};
+
+use futures_util::{StreamExt as _, TryStreamExt as _};
+use rtnetlink::{
+    new_multicast_connection,
+    packet_core::NetlinkPayload,
+    packet_route::{
+        address::AddressAttribute,
+        link::{LinkAttribute, LinkFlags, State},
+        RouteNetlinkMessage,
+    },
+    Handle, MulticastGroup,
+};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::kube::node_status::{Condition, NodeConditions};
+
+/// Safety net against lost multicast events: a dump of one NIC costs microseconds.
+const RESYNC: Duration = Duration::from_secs(30);
+/// Events arrive in bursts (a link flap brings link and address messages):
+/// one dump after the burst.
+const SETTLE: Duration = Duration::from_millis(20);
+
+/// Which NIC to watch and how to pick its client address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicConfig {
+    pub name: String,
+    /// `NET_MASK`: a subnet (`192.0.2.0/24`) or a dotted mask (`255.255.255.0`).
+    pub net_mask: Option<String>,
+}
+
+/// The three states the operator knows (COMPAT.md: reason of
+/// `NodeClientNetworkUnavailable`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum LinkState {
+    #[serde(rename = "StateUP")]
+    Up,
+    #[serde(rename = "StateDown")]
+    Down,
+    #[serde(rename = "StateUnKnown")]
+    Unknown,
+}
+
+impl LinkState {
+    pub fn reason(self) -> &'static str {
+        match self {
+            LinkState::Up => "StateUP",
+            LinkState::Down => "StateDown",
+            LinkState::Unknown => "StateUnKnown",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Address {
+    pub ip: IpAddr,
+    pub prefix: u8,
+}
+
+/// What `/api/v2/network` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetworkState {
+    pub nic: String,
+    pub net_mask: Option<String>,
+    pub present: bool,
+    pub state: LinkState,
+    /// The kernel's operational state, as `ip link` prints it.
+    pub oper_state: Option<String>,
+    pub addresses: Vec<Address>,
+    pub client_ip: Option<IpAddr>,
+    /// Why there is no client IP, when there is none.
+    pub client_ip_error: Option<String>,
+    #[serde(serialize_with = "crate::time::serialize_opt_rfc3339")]
+    pub last_change: Option<SystemTime>,
+    pub last_error: Option<String>,
+}
+
+impl NetworkState {
+    fn unknown(cfg: &NicConfig) -> Self {
+        Self {
+            nic: cfg.name.clone(),
+            net_mask: cfg.net_mask.clone(),
+            present: false,
+            state: LinkState::Unknown,
+            oper_state: None,
+            addresses: Vec::new(),
+            client_ip: None,
+            client_ip_error: Some("not read yet".into()),
+            last_change: None,
+            last_error: None,
+        }
+    }
+
+    /// The two conditions this state means (COMPAT.md "Outputs" 3).
+    pub fn conditions(&self) -> [Condition; 2] {
+        let reason = self.state.reason();
+        let unavailable = Condition::new(
+            "NodeClientNetworkUnavailable",
+            self.state != LinkState::Up,
+            reason,
+            &format!("{} {reason}", self.nic),
+        );
+        let ip = match self.client_ip {
+            Some(ip) => Condition::new("NodeClientIP", true, &self.nic, &ip.to_string()),
+            None => Condition::new("NodeClientIP", false, &self.nic, "0.0.0.0"),
+        };
+        [unavailable, ip]
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MaskError {
+    #[error("NET_MASK {0:?} is neither a subnet like 192.0.2.0/24 nor a mask like 255.255.255.0")]
+    Invalid(String),
+}
+
+/// A parsed `NET_MASK`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mask {
+    Subnet {
+        net: IpAddr,
+        prefix: u8,
+    },
+    /// A dotted mask alone names no subnet: it picks the address whose own
+    /// prefix length it equals.
+    PrefixLen(u8),
+}
+
+fn parse_mask(s: &str) -> Result<Mask, MaskError> {
+    let bad = || MaskError::Invalid(s.to_owned());
+    if let Some((net, len)) = s.split_once('/') {
+        let net: IpAddr = net.trim().parse().map_err(|_| bad())?;
+        let prefix: u8 = len.trim().parse().map_err(|_| bad())?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        if prefix > max {
+            return Err(bad());
+        }
+        return Ok(Mask::Subnet { net, prefix });
+    }
+    let m: Ipv4Addr = s.trim().parse().map_err(|_| bad())?;
+    let bits = u32::from(m);
+    // A mask is ones then zeros.
+    if bits.leading_ones() + bits.trailing_zeros() != 32 {
+        return Err(bad());
+    }
+    Ok(Mask::PrefixLen(bits.leading_ones() as u8))
+}
+
+fn in_subnet(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let m = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) };
+            u32::from(a) & m == u32::from(n) & m
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let m = if prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(prefix)) };
+            u128::from(a) & m == u128::from(n) & m
+        }
+        _ => false, // never an address of the other family by accident
+    }
+}
+
+/// The client IP among the NIC's addresses: inside `NET_MASK` when given,
+/// IPv4 first. Without a mask only IPv4 qualifies (the operator reads an
+/// IPv4 from `NodeClientIP`).
+fn choose(addresses: &[Address], mask: Option<&str>) -> Result<IpAddr, String> {
+    let mask = mask.map(parse_mask).transpose().map_err(|e| e.to_string())?;
+    let usable =
+        |a: &&Address| !a.ip.is_loopback() && !matches!(a.ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+    let mut candidates: Vec<&Address> = addresses.iter().filter(usable).collect();
+    candidates.sort_by_key(|a| !a.ip.is_ipv4()); // IPv4 first, order kept otherwise
+    let pick = match mask {
+        Some(Mask::Subnet { net, prefix }) => candidates.into_iter().find(|a| in_subnet(a.ip, net, prefix)),
+        Some(Mask::PrefixLen(p)) => candidates.into_iter().find(|a| a.ip.is_ipv4() && a.prefix == p),
+        None => candidates.into_iter().find(|a| a.ip.is_ipv4()),
+    };
+    pick.map(|a| a.ip).ok_or_else(|| match mask {
+        Some(_) => "no address of the NIC is inside NET_MASK".to_owned(),
+        None => "the NIC has no IPv4 address".to_owned(),
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("opening an rtnetlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+}
+
+/// Starts the owner task. `nic` may change at any time (ccm-config).
+pub fn spawn(
+    mut nic: watch::Receiver<NicConfig>,
+    conditions: NodeConditions,
+    shutdown: CancellationToken,
+) -> Result<watch::Receiver<NetworkState>, NetworkError> {
+    let groups = [MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr, MulticastGroup::Ipv6Ifaddr];
+    let (conn, handle, mut events) = new_multicast_connection(&groups).map_err(NetworkError::Socket)?;
+    tokio::spawn(conn);
+    let first = nic.borrow_and_update().clone();
+    let (tx, rx) = watch::channel(NetworkState::unknown(&first));
+    tokio::spawn(async move {
+        let mut cfg = first;
+        let mut resync = tokio::time::interval(RESYNC);
+        // Standalone, the NIC comes from flags and never changes.
+        let mut nic_open = true;
+        loop {
+            let state = dump(&handle, &cfg).await;
+            let changed = tx.send_if_modified(|cur| {
+                let same = NetworkState { last_change: cur.last_change, ..state.clone() } == *cur;
+                if !same {
+                    *cur = NetworkState { last_change: Some(SystemTime::now()), ..state.clone() };
+                    tracing::info!(nic = %cur.nic, state = cur.state.reason(), client_ip = ?cur.client_ip, "client network changed");
+                }
+                !same
+            });
+            if changed {
+                for c in tx.borrow().conditions() {
+                    conditions.set(c);
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = resync.tick() => {}
+                r = nic.changed(), if nic_open => match r {
+                    Ok(()) => cfg = nic.borrow_and_update().clone(),
+                    Err(_) => nic_open = false,
+                },
+                ev = events.next() => match ev {
+                    None => return,
+                    Some((msg, _)) if !is_link_or_address(&msg.payload) => continue,
+                    Some(_) => {
+                        // Let the burst finish, then drain it: one dump serves all.
+                        tokio::time::sleep(SETTLE).await;
+                        while events.try_recv().is_ok() {}
+                    }
+                },
+            }
+        }
+    });
+    Ok(rx)
+}
+
+fn is_link_or_address(payload: &NetlinkPayload<RouteNetlinkMessage>) -> bool {
+    matches!(
+        payload,
+        NetlinkPayload::InnerMessage(
+            RouteNetlinkMessage::NewLink(_)
+                | RouteNetlinkMessage::DelLink(_)
+                | RouteNetlinkMessage::NewAddress(_)
+                | RouteNetlinkMessage::DelAddress(_)
+        )
+    )
+}
+
+/// The NIC's link and addresses, now.
+async fn dump(handle: &Handle, cfg: &NicConfig) -> NetworkState {
+    let mut st = NetworkState::unknown(cfg);
+    st.client_ip_error = None;
+    let link = handle.link().get().match_name(cfg.name.clone()).execute().try_next().await;
+    let link = match link {
+        Ok(Some(l)) => l,
+        Ok(None) | Err(rtnetlink::Error::NetlinkError(_)) => {
+            st.client_ip_error = Some(format!("NIC {} not found", cfg.name));
+            return st; // missing NIC: StateUnKnown, no client IP
+        }
+        Err(e) => {
+            st.last_error = Some(e.to_string());
+            st.client_ip_error = Some(format!("reading NIC {}: {e}", cfg.name));
+            return st;
+        }
+    };
+    st.present = true;
+    let oper = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::OperState(s) => Some(*s),
+        _ => None,
+    });
+    st.oper_state = oper.map(|s| format!("{s:?}").to_uppercase());
+    let flags = link.header.flags;
+    st.state = match oper {
+        Some(State::Up) => LinkState::Up,
+        // Some drivers never report an operational state: trust the flags.
+        Some(State::Unknown) | None if flags.contains(LinkFlags::Up | LinkFlags::LowerUp) => LinkState::Up,
+        _ => LinkState::Down,
+    };
+    let index = link.header.index;
+    let addrs: Result<Vec<_>, _> = handle.address().get().set_link_index_filter(index).execute().try_collect().await;
+    match addrs {
+        Ok(msgs) => {
+            for m in msgs.into_iter().filter(|m| m.header.index == index) {
+                // IFA_LOCAL is the interface's own address on point-to-point links.
+                let local = m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Local(ip) => Some(*ip),
+                    _ => None,
+                });
+                let addr = m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                });
+                if let Some(ip) = local.or(addr) {
+                    st.addresses.push(Address { ip, prefix: m.header.prefix_len });
+                }
+            }
+        }
+        Err(e) => st.last_error = Some(e.to_string()),
+    }
+    match choose(&st.addresses, cfg.net_mask.as_deref()) {
+        Ok(ip) => st.client_ip = Some(ip),
+        Err(why) => st.client_ip_error = Some(why),
+    }
+    st
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str, prefix: u8) -> Address {
+        Address { ip: s.parse().expect("ip"), prefix }
+    }
+
+    #[test]
+    fn choosing_the_client_ip() {
+        let addrs = [a("fe80::1", 64), a("2001:db8::5", 64), a("198.51.100.7", 24), a("192.0.2.9", 26)];
+        assert_eq!(choose(&addrs, None), Ok("198.51.100.7".parse().expect("ip")), "IPv4 first");
+        assert_eq!(choose(&addrs, Some("192.0.2.0/24")), Ok("192.0.2.9".parse().expect("ip")));
+        assert_eq!(choose(&addrs, Some("255.255.255.192")), Ok("192.0.2.9".parse().expect("ip")));
+        assert_eq!(choose(&addrs, Some("2001:db8::/32")), Ok("2001:db8::5".parse().expect("ip")));
+        assert!(choose(&addrs, Some("203.0.113.0/24")).is_err());
+        assert!(choose(&[a("2001:db8::5", 64)], None).is_err(), "never IPv6 for the IPv4 condition by accident");
+        assert!(choose(&addrs, Some("255.0.255.0")).is_err(), "not a mask");
+        assert!(choose(&addrs, Some("banana")).is_err());
+    }
+
+    #[test]
+    fn conditions_follow_the_state() {
+        let mut st = NetworkState::unknown(&NicConfig { name: "eth1".into(), net_mask: None });
+        let [down, ip] = st.conditions();
+        assert_eq!(
+            (down.status.as_str(), down.reason.as_str(), down.message.as_str()),
+            ("True", "StateUnKnown", "eth1 StateUnKnown")
+        );
+        assert_eq!((ip.status.as_str(), ip.message.as_str()), ("False", "0.0.0.0"));
+        st.state = LinkState::Up;
+        st.client_ip = Some("192.0.2.1".parse().expect("ip"));
+        let [up, ip] = st.conditions();
+        assert_eq!((up.status.as_str(), up.reason.as_str()), ("False", "StateUP"));
+        assert_eq!((ip.status.as_str(), ip.reason.as_str(), ip.message.as_str()), ("True", "eth1", "192.0.2.1"));
+    }
+}
