@@ -6,6 +6,7 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 use clap::Parser;
 
 use crate::{
+    engines::EnginesConfig,
     kube::{Access, ClusterConfig},
     logs::LogSweepArgs,
     network::NicConfig,
@@ -57,6 +58,20 @@ pub struct Flags {
     /// picks the client IP when the NIC has several; `ccm-config` overrides it.
     #[arg(long, env = "NET_MASK")]
     pub net_mask: Option<String>,
+
+    /// Docker Engine API socket (used when present).
+    #[arg(long, default_value = "/var/run/docker.sock")]
+    pub docker_socket: PathBuf,
+
+    /// CRI sockets (containerd, CRI-O); each one present is used. Repeat the
+    /// flag to give several.
+    #[arg(long = "cri-socket", default_values = ["/run/containerd/containerd.sock", "/run/crio/crio.sock"])]
+    pub cri_sockets: Vec<PathBuf>,
+
+    /// How often CRI runtimes are listed (CRI has no image events; Docker's
+    /// events trigger rescans at once).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub cri_poll_interval: Duration,
 
     /// Period of the Node-condition heartbeat (`NodeRefreshFlag`'s
     /// lastHeartbeatTime). Conditions that change are written at once.
@@ -192,8 +207,17 @@ impl Flags {
             access: Access::detect(self.kubeconfig.clone(), self.master.clone()),
             node: self.current_node_name.clone(),
             mpd_controller_cm_name: self.mpd_controller_cm_name.clone(),
+            core_version_cm_labels: self.core_version_cm_labels.clone(),
             heartbeat: self.node_heartbeat_interval,
             publish_debounce: self.publish_debounce,
+        }
+    }
+
+    pub fn engines_config(&self) -> EnginesConfig {
+        EnginesConfig {
+            docker_socket: self.docker_socket.clone(),
+            cri_sockets: self.cri_sockets.clone(),
+            cri_poll: self.cri_poll_interval,
         }
     }
 

@@ -10,6 +10,8 @@
 //!   Kubernetes sinks (the port-usage ConfigMap, Node conditions); absent in
 //!   standalone mode.
 //! - [`network`]: the client NIC's state and address, from rtnetlink events.
+//! - [`engines`]: which engine versions have all their images here, from
+//!   the Docker API and CRI.
 //! - [`http`]: the HTTP sink (health, readiness, metrics, the native API).
 //! - [`config`]: flags, including the original daemon's; [`telemetry`]: logs
 //!   and the metrics text writer; [`time`]: timestamp layouts.
@@ -17,6 +19,7 @@
 //! [`run`] wires them: it starts every source, then the sinks, and stops
 //! everything on SIGTERM or SIGINT.
 pub mod config;
+pub mod engines;
 pub mod http;
 pub mod kube;
 pub mod logs;
@@ -65,10 +68,22 @@ pub async fn run(flags: config::Flags) -> Result<(), RunError> {
         None => (kube::node_status::NodeConditions::standalone(), tokio::sync::watch::channel(flags.nic_config()).1),
     };
     let network = network::spawn(nic, conditions, shutdown.clone())?;
+    let versions = cluster.as_ref().map_or_else(|| tokio::sync::watch::channel(Vec::new()).1, |c| c.versions.clone());
+    let engines = engines::spawn(flags.engines_config(), versions, shutdown.clone());
+    let rescan_bus = cluster.as_ref().map(|c| kube::start_engines(c, &engines, shutdown.clone()));
     let sweep_policy = http::logs::HttpSweepPolicy::from_args(&flags.logs);
     let sweeps = logs::spawn(flags.logs.clone(), owners, shutdown.clone())?;
     let addr = SocketAddr::new(flags.listen_address, flags.port);
-    let state = http::AppState { ports, network, cluster, logs: sweeps, sweep_policy, shutdown: shutdown.clone() };
+    let state = http::AppState {
+        ports,
+        network,
+        engines,
+        rescan_bus,
+        cluster,
+        logs: sweeps,
+        sweep_policy,
+        shutdown: shutdown.clone(),
+    };
     let mut server = tokio::spawn(http::serve(addr, state));
     let outcome = tokio::select! {
         res = &mut server => match res {

@@ -22,6 +22,7 @@ use serde_json::Value;
 
 pub mod fake_api;
 pub mod oracle;
+pub mod runtimes;
 pub mod workload;
 
 /// True when running under CI, where a missing component is a failure.
@@ -81,7 +82,16 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with a prepared command (for a wrapper such as
     /// `setpriv` the daemon binary is appended as the last argument).
-    pub fn start_with(mut cmd: Command, args: &[&str]) -> Self {
+    pub fn start_with(cmd: Command, args: &[&str]) -> Self {
+        Self::start_full(cmd, HTTP_PORT, args)
+    }
+
+    /// Like [`Daemon::start`] on another HTTP port (two daemons in one namespace).
+    pub fn start_at(port: u16, args: &[&str]) -> Self {
+        Self::start_full(Command::new(daemon_bin()), port, args)
+    }
+
+    fn start_full(mut cmd: Command, port: u16, args: &[&str]) -> Self {
         let log = std::env::temp_dir().join(format!(
             "polarstack-test-{}-{}.log",
             std::process::id(),
@@ -92,7 +102,7 @@ impl Daemon {
             cmd.arg(daemon_bin());
         }
         let child = cmd
-            .args(["--port", &HTTP_PORT.to_string(), "--listen-address", "127.0.0.1"])
+            .args(["--port", &port.to_string(), "--listen-address", "127.0.0.1"])
             .args(args)
             .env("RUST_LOG", "polarstack_daemon=debug,info")
             .stdout(Stdio::null())
@@ -104,7 +114,7 @@ impl Daemon {
             .timeout_global(Some(Duration::from_secs(10)))
             .build()
             .into();
-        let mut d = Self { child: Some(child), port: HTTP_PORT, agent, log };
+        let mut d = Self { child: Some(child), port, agent, log };
         let up = wait_for(Duration::from_secs(20), || d.get("/healthz").is_ok_and(|(s, _)| s == 200));
         if !up {
             panic!("daemon did not answer /healthz:\n{}", d.log_text());
@@ -128,6 +138,14 @@ impl Daemon {
     /// GET a path; the status and the body parsed as JSON (Null if not JSON).
     pub fn get(&self, path: &str) -> Result<(u16, Value)> {
         let mut resp = self.agent.get(&self.url(path)).call().with_context(|| format!("GET {path}"))?;
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().context("read body")?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+
+    /// POST an empty body; the status and the body parsed as JSON.
+    pub fn post(&self, path: &str) -> Result<(u16, Value)> {
+        let mut resp = self.agent.post(&self.url(path)).send_empty().with_context(|| format!("POST {path}"))?;
         let status = resp.status().as_u16();
         let text = resp.body_mut().read_to_string().context("read body")?;
         Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))

@@ -6,7 +6,7 @@ use axum::{
     extract::{RawQuery, State},
     http::{header, StatusCode},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
     Router,
 };
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -16,7 +16,11 @@ use serde_json::{json, Value};
 use super::AppState;
 
 pub fn routes() -> Router<AppState> {
-    Router::new().route("/api/v1/TestConn", get(test_conn)).route("/api/v1/GetStandByIp", get(get_standby_ip))
+    Router::new()
+        .route("/api/v1/TestConn", get(test_conn))
+        .route("/api/v1/GetStandByIp", get(get_standby_ip))
+        .route("/api/v1/RequestCheckCoreVersion", post(request_check_core_version))
+        .route("/api/v1/InnerCheckCoreVersion", post(inner_check_core_version))
 }
 
 fn request_id() -> String {
@@ -34,6 +38,29 @@ fn ok(data: Value) -> Response {
 
 fn fail(status: StatusCode, message: &str) -> Response {
     envelope(status, "0", Value::Null, message)
+}
+
+/// Rescans here, then asks every other daemon to (one write to the rescan
+/// bus); answers once the local scan is done. Any body is accepted.
+async fn request_check_core_version(State(st): State<AppState>) -> Response {
+    if let Err(e) = st.engines.rescan().await {
+        return fail(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+    }
+    if let Some(bus) = &st.rescan_bus {
+        if let Err(e) = bus.request().await {
+            return fail(StatusCode::BAD_GATEWAY, &format!("rescanned here; could not ask the other nodes: {e}"));
+        }
+    }
+    ok(json!("done"))
+}
+
+/// Rescans here only (the body's `HostName`, if any, is not needed: this
+/// daemon knows its node).
+async fn inner_check_core_version(State(st): State<AppState>) -> Response {
+    match st.engines.rescan().await {
+        Ok(()) => ok(json!("OK")),
+        Err(e) => fail(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
 }
 
 async fn test_conn() -> Response {

@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 use self::error::ApiError;
 use crate::{
-    kube::{Cluster, ClusterView},
+    engines::{EngineState, Engines},
+    kube::{engines::RescanBus, Cluster, ClusterView},
     logs::SweepHandle,
     network::NetworkState,
     ports::Ports,
@@ -31,6 +32,9 @@ use crate::{
 pub struct AppState {
     pub ports: Ports,
     pub network: watch::Receiver<NetworkState>,
+    pub engines: Engines,
+    /// Reaches every daemon; None in standalone mode.
+    pub rescan_bus: Option<RescanBus>,
     /// None in standalone mode.
     pub cluster: Option<Cluster>,
     pub logs: SweepHandle,
@@ -46,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v2/kubernetes", get(kubernetes))
         .route("/api/v2/network", get(network))
+        .route("/api/v2/engines", get(engines))
         .merge(compat::routes())
         .merge(ports::routes())
         .with_state(state)
@@ -96,6 +101,7 @@ async fn metrics(State(st): State<AppState>) -> Response {
     );
     st.ports.render_metrics(&mut out);
     st.logs.render_metrics(&mut out);
+    st.engines.state.borrow().render_metrics(&mut out);
     if let Some(c) = &st.cluster {
         c.metrics.render(&mut out);
     }
@@ -111,6 +117,12 @@ async fn kubernetes(State(st): State<AppState>) -> Json<ClusterView> {
 /// The client NIC: state, addresses, the chosen client IP, last change.
 async fn network(State(st): State<AppState>) -> Json<NetworkState> {
     Json(st.network.borrow().clone())
+}
+
+/// Each engine version, each image, present or not and where, the runtimes,
+/// the last check.
+async fn engines(State(st): State<AppState>) -> Json<EngineState> {
+    Json(st.engines.state.borrow().clone())
 }
 
 async fn not_found(uri: Uri) -> ApiError {

@@ -2,6 +2,7 @@
 //! the metrics every API call feeds.
 use std::{
     collections::BTreeMap,
+    fmt::Write as _,
     path::PathBuf,
     sync::{
         atomic::{AtomicI64, AtomicU64, Ordering},
@@ -162,19 +163,14 @@ impl ApiMetrics {
         );
         let sum = self.write_seconds_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
         let count = self.write_count.load(Ordering::Relaxed) as f64;
-        write_metric(
+        // A summary without quantiles: `_sum` and `_count` of one family, so
+        // `rate(_sum) / rate(_count)` is the mean write latency.
+        let _ = writeln!(
             out,
-            "polarstack_kube_write_duration_seconds_sum",
-            "Total time spent in successful Kubernetes writes.",
-            MetricKind::Counter,
-            &[(String::new(), sum)],
-        );
-        write_metric(
-            out,
-            "polarstack_kube_write_duration_seconds_count",
-            "Number of successful Kubernetes writes.",
-            MetricKind::Counter,
-            &[(String::new(), count)],
+            "# HELP polarstack_kube_write_duration_seconds Time spent in successful Kubernetes writes.\n\
+             # TYPE polarstack_kube_write_duration_seconds summary\n\
+             polarstack_kube_write_duration_seconds_sum {sum}\n\
+             polarstack_kube_write_duration_seconds_count {count}"
         );
         write_metric(
             out,

@@ -12,8 +12,10 @@
 //! [`mirror`] (a watched set of objects), [`settings`] (the three input
 //! ConfigMaps), [`ranges`] (port-range annotations), [`pods`] (hostPorts on
 //! this node, live instance ids), [`port_usage`] (the ConfigMap sink),
-//! [`node_status`] (the node-condition writer).
+//! [`node_status`] (the node-condition writer), [`engines`] (version
+//! ConfigMaps in, availability out, the cluster-wide rescan bus).
 pub mod client;
+pub mod engines;
 pub mod mirror;
 pub mod node_status;
 pub mod pods;
@@ -61,6 +63,7 @@ pub struct ClusterConfig {
     pub access: Access,
     pub node: Option<String>,
     pub mpd_controller_cm_name: String,
+    pub core_version_cm_labels: String,
     pub heartbeat: Duration,
     pub publish_debounce: Duration,
 }
@@ -79,6 +82,7 @@ pub struct Cluster {
     pub node_status: watch::Receiver<NodeStatusState>,
     pub conditions: NodeConditions,
     pub live_instances: Arc<LiveInsIds>,
+    pub versions: watch::Receiver<Vec<crate::engines::versions::EngineVersion>>,
 }
 
 /// What `/api/v2/kubernetes` and `/readyz` show.
@@ -150,6 +154,8 @@ pub async fn start(
         settings::spawn(client.clone(), cfg.mpd_controller_cm_name.clone(), metrics.clone(), shutdown.clone());
     let host_ports = pods::spawn_host_ports(client.clone(), &node, metrics.clone(), shutdown.clone());
     let live_instances = LiveInsIds::spawn(client.clone(), metrics.clone(), shutdown.clone());
+    let versions =
+        engines::spawn_versions(client.clone(), &cfg.core_version_cm_labels, metrics.clone(), shutdown.clone());
     let nodes: Api<Node> = Api::all(client.clone());
     let (conditions, node_status) =
         node_status::spawn(nodes.clone(), node.clone(), cfg.heartbeat, metrics.clone(), shutdown.clone());
@@ -177,7 +183,26 @@ pub async fn start(
         node_status,
         conditions,
         live_instances,
+        versions,
     }))
+}
+
+/// Connects the engines domain to the cluster: the availability ConfigMap
+/// and the rescan bus (returned for `RequestCheckCoreVersion`).
+pub fn start_engines(
+    c: &Cluster,
+    engines: &crate::engines::Engines,
+    shutdown: CancellationToken,
+) -> engines::RescanBus {
+    let api = Api::<ConfigMap>::namespaced(c.client.clone(), NAMESPACE);
+    tokio::spawn(engines::publish_availability(
+        api,
+        c.node.clone(),
+        engines.state.clone(),
+        c.metrics.clone(),
+        shutdown.clone(),
+    ));
+    engines::spawn_bus(c.client.clone(), engines.clone(), c.metrics.clone(), shutdown)
 }
 
 /// Sets `NodeOobIP` whenever `isCheckOObIP` is (or turns) on.

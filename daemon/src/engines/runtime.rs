@@ -1,0 +1,133 @@
+//! The container runtimes of this node behind one small trait: the Docker
+//! Engine API (bollard, version negotiated) and the CRI ImageService
+//! (containerd, CRI-O) over its unix socket.
+use std::{collections::BTreeSet, future::Future, path::PathBuf, pin::Pin, time::Duration};
+
+use bollard::{query_parameters::ListImagesOptions, Docker};
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::{image_service_client::ImageServiceClient, ListImagesRequest};
+use tonic::transport::{Endpoint, Uri};
+
+use super::image_ref::{normalize, ImageKey};
+
+/// Answers slower than this count as the runtime being unavailable.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("socket {0} does not exist")]
+    NoSocket(PathBuf),
+    #[error("no answer within {CALL_TIMEOUT:?}")]
+    Timeout,
+    #[error("{0}")]
+    Call(String),
+}
+
+pub type ListFuture<'a> = Pin<Box<dyn Future<Output = Result<BTreeSet<ImageKey>, RuntimeError>> + Send + 'a>>;
+
+/// A runtime that can say which images it holds.
+pub trait ImageRuntime: Send + Sync {
+    /// `docker` or `cri`.
+    fn kind(&self) -> &'static str;
+    fn socket(&self) -> &PathBuf;
+    /// Every name (tags and digests) of every image, normalised.
+    fn list(&self) -> ListFuture<'_>;
+}
+
+fn keys<'a>(names: impl Iterator<Item = &'a String>) -> BTreeSet<ImageKey> {
+    // `<none>:<none>` and other unparsable names name nothing useful.
+    names.filter_map(|n| normalize(n).ok()).collect()
+}
+
+async fn timed<T>(f: impl Future<Output = Result<T, RuntimeError>>) -> Result<T, RuntimeError> {
+    tokio::time::timeout(CALL_TIMEOUT, f).await.unwrap_or(Err(RuntimeError::Timeout))
+}
+
+pub struct DockerRuntime {
+    socket: PathBuf,
+}
+
+impl DockerRuntime {
+    pub fn new(socket: PathBuf) -> Self {
+        Self { socket }
+    }
+
+    /// A client with the API version negotiated (dockerd 20.10 refuses paths
+    /// newer than its 1.41).
+    pub async fn client(&self) -> Result<Docker, RuntimeError> {
+        if !self.socket.exists() {
+            return Err(RuntimeError::NoSocket(self.socket.clone()));
+        }
+        let path = self.socket.to_string_lossy();
+        let docker = Docker::connect_with_socket(&path, CALL_TIMEOUT.as_secs(), bollard::API_DEFAULT_VERSION)
+            .map_err(|e| RuntimeError::Call(e.to_string()))?;
+        timed(async { docker.negotiate_version().await.map_err(|e| RuntimeError::Call(e.to_string())) }).await
+    }
+}
+
+impl ImageRuntime for DockerRuntime {
+    fn kind(&self) -> &'static str {
+        "docker"
+    }
+    fn socket(&self) -> &PathBuf {
+        &self.socket
+    }
+    fn list(&self) -> ListFuture<'_> {
+        Box::pin(async move {
+            let docker = self.client().await?;
+            let opts = ListImagesOptions { all: false, ..Default::default() };
+            let images =
+                timed(async { docker.list_images(Some(opts)).await.map_err(|e| RuntimeError::Call(e.to_string())) })
+                    .await?;
+            Ok(keys(images.iter().flat_map(|i| i.repo_tags.iter().chain(i.repo_digests.iter()))))
+        })
+    }
+}
+
+pub struct CriRuntime {
+    socket: PathBuf,
+}
+
+impl CriRuntime {
+    pub fn new(socket: PathBuf) -> Self {
+        Self { socket }
+    }
+}
+
+impl ImageRuntime for CriRuntime {
+    fn kind(&self) -> &'static str {
+        "cri"
+    }
+    fn socket(&self) -> &PathBuf {
+        &self.socket
+    }
+    fn list(&self) -> ListFuture<'_> {
+        Box::pin(async move {
+            if !self.socket.exists() {
+                return Err(RuntimeError::NoSocket(self.socket.clone()));
+            }
+            let path = self.socket.clone();
+            timed(async move {
+                // The URI is a placeholder: the connector dials the socket.
+                let channel =
+                    Endpoint::from_static("http://[::]:0")
+                        .connect_with_connector(tower::service_fn(move |_: Uri| {
+                            let path = path.clone();
+                            async move {
+                                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+                            }
+                        }))
+                        .await
+                        .map_err(|e| RuntimeError::Call(format!("connecting: {e}")))?;
+                let mut client = ImageServiceClient::new(channel);
+                let resp = client
+                    .list_images(ListImagesRequest { filter: None })
+                    .await
+                    .map_err(|e| RuntimeError::Call(format!("ListImages: {}", e.message())))?;
+                let images = resp.into_inner().images;
+                Ok(keys(images.iter().flat_map(|i| i.repo_tags.iter().chain(i.repo_digests.iter()))))
+            })
+            .await
+        })
+    }
+}

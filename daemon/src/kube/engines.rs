@@ -1,0 +1,237 @@
+//! The engines domain's cluster side:
+//! - input: the engine-version ConfigMaps (`--core-version-cm-labels`), watched;
+//! - sink: `polarstack-daemon-version-availability-<node lowercased>` with
+//!   `existingVersions` and `checkTime` (COMPAT.md "Outputs" 2), written when
+//!   the available set changes and when a requested check completes;
+//! - the rescan bus: `RequestCheckCoreVersion` must make every node rescan.
+//!   The original called its peers one by one (over https, on a wrong path,
+//!   so none ever rescanned). Here the request is an annotation on one
+//!   ConfigMap that every daemon watches: one write reaches all nodes.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::{
+    api::{Patch, PatchParams},
+    runtime::watcher,
+    Api,
+};
+use serde_json::json;
+use tokio::sync::{watch, Mutex};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    client::{backoff, ApiMetrics},
+    mirror,
+    port_usage::WriteError,
+    FIELD_MANAGER, NAMESPACE, WRITE_TIMEOUT,
+};
+use crate::{
+    engines::{
+        versions::{self, EngineVersion},
+        Availability, EngineState, Engines,
+    },
+    time::utc_seconds,
+};
+
+/// The ConfigMap whose annotation carries rescan requests to every daemon.
+pub const RESCAN_CONFIGMAP: &str = "polarstack-daemon-rescan";
+pub const RESCAN_ANNOTATION: &str = "polarstack.io/rescan-request";
+
+pub fn availability_name(node: &str) -> String {
+    format!("polarstack-daemon-version-availability-{}", node.to_lowercase())
+}
+
+/// Watches the version ConfigMaps; the receiver holds the parsed versions,
+/// sorted by name. A ConfigMap that cannot be used is skipped with one
+/// warning (per ConfigMap and content), and the others still count.
+pub fn spawn_versions(
+    client: kube::Client,
+    labels: &str,
+    metrics: Arc<ApiMetrics>,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Vec<EngineVersion>> {
+    let (tx, rx) = watch::channel(Vec::new());
+    let api: Api<ConfigMap> = Api::namespaced(client, NAMESPACE);
+    let cfg = watcher::Config::default().labels(labels);
+    let mut warned: BTreeSet<(String, String)> = BTreeSet::new();
+    tokio::spawn(mirror::run(api, cfg, "configmaps/engine-versions", metrics, shutdown, move |view| {
+        let mut by_name: BTreeMap<String, EngineVersion> = BTreeMap::new();
+        for (key, cm) in view.objects {
+            let empty = BTreeMap::new();
+            match versions::parse(key, cm.data.as_ref().unwrap_or(&empty)) {
+                Ok(v) => match by_name.get(&v.name) {
+                    Some(first) => {
+                        if warned.insert((key.clone(), format!("duplicate {}", v.name))) {
+                            tracing::warn!(configmap = %key, version = %v.name, kept = %first.source, "engine version defined twice; keeping the first");
+                        }
+                    }
+                    None => {
+                        by_name.insert(v.name.clone(), v);
+                    }
+                },
+                Err(e) => {
+                    if warned.insert((key.clone(), e.to_string())) {
+                        tracing::warn!(configmap = %key, error = %e, "skipping an engine-version ConfigMap");
+                    }
+                }
+            }
+        }
+        let next: Vec<EngineVersion> = by_name.into_values().collect();
+        tx.send_if_modified(|cur| {
+            let changed = *cur != next;
+            *cur = next;
+            changed
+        });
+    }));
+    rx
+}
+
+/// The cluster-wide rescan bus.
+#[derive(Clone)]
+pub struct RescanBus {
+    api: Api<ConfigMap>,
+    metrics: Arc<ApiMetrics>,
+    /// The last request this daemon wrote, so its own echo is not a second scan.
+    own: Arc<Mutex<Option<String>>>,
+}
+
+impl RescanBus {
+    /// Asks every daemon to rescan: one write to the bus ConfigMap.
+    pub async fn request(&self) -> Result<(), WriteError> {
+        let id = format!("{}-{:08x}", utc_seconds(SystemTime::now()), fastrand::u32(..));
+        *self.own.lock().await = Some(id.clone());
+        let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": RESCAN_CONFIGMAP, "namespace": NAMESPACE, "annotations": {RESCAN_ANNOTATION: id}}});
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let res =
+            tokio::time::timeout(WRITE_TIMEOUT, self.api.patch(RESCAN_CONFIGMAP, &params, &Patch::Apply(&body))).await;
+        match res {
+            Err(_) => Err(WriteError::Timeout),
+            Ok(r) => {
+                self.metrics.request("apply", "configmaps", r.as_ref().map(|_| ()));
+                r.map(|_| ()).map_err(WriteError::Api)
+            }
+        }
+    }
+}
+
+/// Watches the bus and rescans here when another daemon asks.
+pub fn spawn_bus(
+    client: kube::Client,
+    engines: Engines,
+    metrics: Arc<ApiMetrics>,
+    shutdown: CancellationToken,
+) -> RescanBus {
+    let api: Api<ConfigMap> = Api::namespaced(client, NAMESPACE);
+    let bus = RescanBus { api: api.clone(), metrics: metrics.clone(), own: Arc::new(Mutex::new(None)) };
+    let own = bus.own.clone();
+    let (seen_tx, mut seen) = watch::channel::<Option<Option<String>>>(None);
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={RESCAN_CONFIGMAP}"));
+    tokio::spawn(mirror::run(api, cfg, "configmaps/rescan", metrics, shutdown.clone(), move |view| {
+        if !view.synced {
+            return;
+        }
+        let id = view
+            .objects
+            .values()
+            .next()
+            .and_then(|cm| cm.metadata.annotations.as_ref()?.get(RESCAN_ANNOTATION).cloned());
+        seen_tx.send_if_modified(|cur| {
+            let next = Some(id);
+            let changed = *cur != next;
+            *cur = next;
+            changed
+        });
+    }));
+    tokio::spawn(async move {
+        // The value present at start is history, not a request.
+        let mut last: Option<Option<String>> = None;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = seen.changed() => if r.is_err() { return },
+            }
+            let now = seen.borrow_and_update().clone();
+            let Some(id) = now.clone() else { continue };
+            let first = last.is_none();
+            last = Some(id.clone());
+            if first || id.is_none() || *own.lock().await == id {
+                continue;
+            }
+            tracing::info!(request = ?id, "cluster-wide engine rescan requested");
+            let _ = engines.rescan().await;
+        }
+    });
+    bus
+}
+
+/// Publishes the availability ConfigMap.
+pub async fn publish_availability(
+    api: Api<ConfigMap>,
+    node: String,
+    mut state: watch::Receiver<EngineState>,
+    metrics: Arc<ApiMetrics>,
+    shutdown: CancellationToken,
+) {
+    let name = availability_name(&node);
+    let mut published: Option<BTreeSet<String>> = None;
+    let mut published_requests = 0u64;
+    let mut attempt = 0u32;
+    loop {
+        let (want, requested) = {
+            let st = state.borrow_and_update();
+            let mut want: BTreeSet<String> = st.available().map(str::to_owned).collect();
+            // A version whose runtime is down stays as last published: the
+            // operator must not see it vanish because dockerd restarted.
+            for v in st.versions.iter().filter(|v| v.status == Availability::Unknown) {
+                if published.as_ref().is_some_and(|p| p.contains(&v.name)) {
+                    want.insert(v.name.clone());
+                }
+            }
+            (want, st.requested_scans)
+        };
+        let ready = state.borrow().scans > 0;
+        if ready && (published.as_ref() != Some(&want) || requested != published_requests) {
+            let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": name, "namespace": NAMESPACE},
+                "data": {"existingVersions": want.iter().cloned().collect::<Vec<_>>().join(","),
+                         "checkTime": utc_seconds(SystemTime::now())}});
+            let params = PatchParams::apply(FIELD_MANAGER).force();
+            let started = Instant::now();
+            let res = tokio::time::timeout(WRITE_TIMEOUT, api.patch(&name, &params, &Patch::Apply(&body))).await;
+            let ok = match res {
+                Err(_) => false,
+                Ok(r) => {
+                    metrics.request("apply", "configmaps", r.as_ref().map(|_| ()));
+                    if let Err(e) = &r {
+                        tracing::warn!(configmap = %name, error = %e, "publishing engine availability failed");
+                    }
+                    r.is_ok()
+                }
+            };
+            if ok {
+                metrics.write_latency(started.elapsed());
+                tracing::info!(configmap = %name, versions = ?want, "engine availability published");
+                published = Some(want);
+                published_requests = requested;
+                attempt = 0;
+            } else {
+                let wait = backoff(attempt);
+                attempt = attempt.saturating_add(1);
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = state.changed() => if r.is_err() { return },
+        }
+    }
+}
