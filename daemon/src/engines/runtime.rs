@@ -15,12 +15,20 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RuntimeError {
-    #[error("socket {0} does not exist")]
+    #[error("no socket at {0}")]
     NoSocket(PathBuf),
     #[error("no answer within {CALL_TIMEOUT:?}")]
     Timeout,
     #[error("{0}")]
     Call(String),
+}
+
+/// A runtime is installed when its socket is a socket. A hostPath mount of a
+/// missing socket leaves an empty directory in its place on nodes without
+/// that runtime: that means absent, not down.
+fn is_socket(p: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt as _;
+    std::fs::metadata(p).is_ok_and(|m| m.file_type().is_socket())
 }
 
 pub type ListFuture<'a> = Pin<Box<dyn Future<Output = Result<BTreeSet<ImageKey>, RuntimeError>> + Send + 'a>>;
@@ -55,7 +63,7 @@ impl DockerRuntime {
     /// A client with the API version negotiated (dockerd 20.10 refuses paths
     /// newer than its 1.41).
     pub async fn client(&self) -> Result<Docker, RuntimeError> {
-        if !self.socket.exists() {
+        if !is_socket(&self.socket) {
             return Err(RuntimeError::NoSocket(self.socket.clone()));
         }
         let path = self.socket.to_string_lossy();
@@ -103,7 +111,7 @@ impl ImageRuntime for CriRuntime {
     }
     fn list(&self) -> ListFuture<'_> {
         Box::pin(async move {
-            if !self.socket.exists() {
+            if !is_socket(&self.socket) {
                 return Err(RuntimeError::NoSocket(self.socket.clone()));
             }
             let path = self.socket.clone();

@@ -88,6 +88,40 @@ pub fn backoff(attempt: u32) -> Duration {
     base.mul_f64(0.5 + fastrand::f64())
 }
 
+/// Why a call to the API server did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("no answer within {:?}", super::WRITE_TIMEOUT)]
+    Timeout,
+    #[error(transparent)]
+    Api(#[from] kube::Error),
+}
+
+/// One API call as every sink makes it: bounded by `WRITE_TIMEOUT` (a slow
+/// API server must not stall a sink), counted by verb, resource and result,
+/// and its latency recorded when it succeeds.
+pub async fn call<T>(
+    metrics: &ApiMetrics,
+    verb: &'static str,
+    resource: &'static str,
+    fut: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, CallError> {
+    let started = std::time::Instant::now();
+    match tokio::time::timeout(super::WRITE_TIMEOUT, fut).await {
+        Err(_) => {
+            metrics.timeout(verb, resource);
+            Err(CallError::Timeout)
+        }
+        Ok(r) => {
+            metrics.request(verb, resource, r.as_ref().map(|_| ()));
+            if r.is_ok() && verb != "get" {
+                metrics.write_latency(started.elapsed());
+            }
+            Ok(r?)
+        }
+    }
+}
+
 /// Short labels for an API call's result, bounded in number.
 pub fn result_label(res: &Result<(), &kube::Error>) -> &'static str {
     match res {
@@ -122,6 +156,11 @@ impl ApiMetrics {
     pub fn request(&self, verb: &'static str, resource: &'static str, res: Result<(), &kube::Error>) {
         let mut m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         *m.entry((verb, resource, result_label(&res))).or_default() += 1;
+    }
+
+    pub fn timeout(&self, verb: &'static str, resource: &'static str) {
+        let mut m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry((verb, resource, "timeout")).or_default() += 1;
     }
 
     pub fn write_latency(&self, d: Duration) {

@@ -10,7 +10,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
-    time::{Instant, SystemTime},
+    time::SystemTime,
 };
 
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -24,10 +24,8 @@ use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    client::{backoff, ApiMetrics},
-    mirror,
-    port_usage::WriteError,
-    FIELD_MANAGER, NAMESPACE, WRITE_TIMEOUT,
+    client::{backoff, call, ApiMetrics, CallError},
+    mirror, FIELD_MANAGER, NAMESPACE,
 };
 use crate::{
     engines::{
@@ -101,21 +99,15 @@ pub struct RescanBus {
 
 impl RescanBus {
     /// Asks every daemon to rescan: one write to the bus ConfigMap.
-    pub async fn request(&self) -> Result<(), WriteError> {
+    pub async fn request(&self) -> Result<(), CallError> {
         let id = format!("{}-{:08x}", utc_seconds(SystemTime::now()), fastrand::u32(..));
         *self.own.lock().await = Some(id.clone());
         let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": RESCAN_CONFIGMAP, "namespace": NAMESPACE, "annotations": {RESCAN_ANNOTATION: id}}});
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        let res =
-            tokio::time::timeout(WRITE_TIMEOUT, self.api.patch(RESCAN_CONFIGMAP, &params, &Patch::Apply(&body))).await;
-        match res {
-            Err(_) => Err(WriteError::Timeout),
-            Ok(r) => {
-                self.metrics.request("apply", "configmaps", r.as_ref().map(|_| ()));
-                r.map(|_| ()).map_err(WriteError::Api)
-            }
-        }
+        call(&self.metrics, "apply", "configmaps", self.api.patch(RESCAN_CONFIGMAP, &params, &Patch::Apply(&body)))
+            .await?;
+        Ok(())
     }
 }
 
@@ -201,20 +193,11 @@ pub async fn publish_availability(
                 "data": {"existingVersions": want.iter().cloned().collect::<Vec<_>>().join(","),
                          "checkTime": utc_seconds(SystemTime::now())}});
             let params = PatchParams::apply(FIELD_MANAGER).force();
-            let started = Instant::now();
-            let res = tokio::time::timeout(WRITE_TIMEOUT, api.patch(&name, &params, &Patch::Apply(&body))).await;
-            let ok = match res {
-                Err(_) => false,
-                Ok(r) => {
-                    metrics.request("apply", "configmaps", r.as_ref().map(|_| ()));
-                    if let Err(e) = &r {
-                        tracing::warn!(configmap = %name, error = %e, "publishing engine availability failed");
-                    }
-                    r.is_ok()
-                }
-            };
-            if ok {
-                metrics.write_latency(started.elapsed());
+            let res = call(&metrics, "apply", "configmaps", api.patch(&name, &params, &Patch::Apply(&body))).await;
+            if let Err(e) = &res {
+                tracing::warn!(configmap = %name, error = %e, "publishing engine availability failed");
+            }
+            if res.is_ok() {
                 tracing::info!(configmap = %name, versions = ?want, "engine availability published");
                 published = Some(want);
                 published_requests = requested;

@@ -12,7 +12,7 @@
 use std::{
     collections::BTreeMap,
     sync::{atomic::Ordering, Arc},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use k8s_openapi::api::core::v1::Node;
@@ -25,10 +25,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    client::{backoff, ApiMetrics},
-    WRITE_TIMEOUT,
-};
+use super::client::{backoff, call, ApiMetrics, CallError};
 use crate::time::utc_seconds;
 
 /// A condition as this daemon wants it.
@@ -207,10 +204,8 @@ impl Writer {
 
     /// Reads the node's current conditions once, so a restart keeps the
     /// transition times of conditions whose status did not change.
-    async fn seed(&mut self) -> Result<(), kube::Error> {
-        let node = self.nodes.get_status(&self.node).await;
-        self.metrics.request("get", "nodes", node.as_ref().map(|_| ()));
-        let node = node?;
+    async fn seed(&mut self) -> Result<(), CallError> {
+        let node = call(&self.metrics, "get", "nodes/status", self.nodes.get_status(&self.node)).await?;
         for c in node.status.and_then(|s| s.conditions).unwrap_or_default() {
             if let Some(m) = self.managed.get_mut(&c.type_) {
                 m.written_status = Some(c.status.clone());
@@ -223,12 +218,9 @@ impl Writer {
         Ok(())
     }
 
-    async fn write(&mut self, heartbeat: bool) -> Result<(), super::port_usage::WriteError> {
+    async fn write(&mut self, heartbeat: bool) -> Result<(), CallError> {
         if !self.seeded {
-            match tokio::time::timeout(WRITE_TIMEOUT, self.seed()).await {
-                Err(_) => return Err(super::port_usage::WriteError::Timeout),
-                Ok(r) => r?,
-            }
+            self.seed().await?;
         }
         let now = utc_seconds(SystemTime::now());
         let mut conditions = Vec::new();
@@ -252,20 +244,9 @@ impl Writer {
             return Ok(());
         }
         let patch = json!({"status": {"conditions": conditions}});
-        let started = Instant::now();
-        let res = tokio::time::timeout(
-            WRITE_TIMEOUT,
-            self.nodes.patch_status(&self.node, &PatchParams::default(), &Patch::Strategic(&patch)),
-        )
-        .await;
-        match res {
-            Err(_) => return Err(super::port_usage::WriteError::Timeout),
-            Ok(r) => {
-                self.metrics.request("patch", "nodes/status", r.as_ref().map(|_| ()));
-                r?;
-            }
-        }
-        self.metrics.write_latency(started.elapsed());
+        let params = PatchParams::default();
+        let patch = Patch::Strategic(&patch);
+        call(&self.metrics, "patch", "nodes/status", self.nodes.patch_status(&self.node, &params, &patch)).await?;
         for m in self.managed.values_mut() {
             m.written = true;
             m.written_status = Some(m.want.status.clone());

@@ -13,7 +13,7 @@
 use std::{
     collections::BTreeSet,
     sync::{atomic::Ordering, Arc},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
@@ -27,10 +27,10 @@ use tokio::sync::{broadcast::error::RecvError, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    client::{backoff, ApiMetrics},
+    client::{backoff, call, ApiMetrics, CallError},
     pods::HostPorts,
     settings::Settings,
-    FIELD_MANAGER, NAMESPACE, WRITE_TIMEOUT,
+    FIELD_MANAGER, NAMESPACE,
 };
 use crate::{
     ports::{model::Proto, Ports},
@@ -180,19 +180,15 @@ impl Publisher {
     /// (the original left stale per-node ConfigMaps behind). Without it (the
     /// Node cannot be read yet) the ConfigMap is still published.
     async fn node_owner(&self) -> Option<Value> {
-        let res = tokio::time::timeout(WRITE_TIMEOUT, self.nodes.get(&self.node)).await;
-        match res {
-            Ok(Ok(node)) => {
-                self.metrics.request("get", "nodes", Ok(()));
+        match call(&self.metrics, "get", "nodes", self.nodes.get(&self.node)).await {
+            Ok(node) => {
                 let uid = node.meta().uid.clone()?;
                 Some(json!({"apiVersion": "v1", "kind": "Node", "name": self.node, "uid": uid}))
             }
-            Ok(Err(e)) => {
-                self.metrics.request("get", "nodes", Err(&e));
+            Err(e) => {
                 tracing::warn!(node = %self.node, error = %e, "cannot read this Node; publishing without an ownerReference");
                 None
             }
-            Err(_) => None,
         }
     }
 
@@ -202,7 +198,7 @@ impl Publisher {
         keys: &BTreeSet<u16>,
         owner: Option<&Value>,
         first: bool,
-    ) -> Result<(), WriteError> {
+    ) -> Result<(), CallError> {
         let data: Map<String, Value> = keys.iter().map(|p| (p.to_string(), Value::from(VALUE))).collect();
         let mut metadata = json!({
             "name": name,
@@ -216,20 +212,8 @@ impl Publisher {
         // force: take over fields another manager (the Go daemon before an
         // upgrade) wrote, instead of failing with a conflict.
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        let started = Instant::now();
-        let res = tokio::time::timeout(WRITE_TIMEOUT, self.api.patch(name, &params, &Patch::Apply(&body))).await;
-        let cm = match res {
-            Err(_) => return Err(WriteError::Timeout),
-            Ok(Err(e)) => {
-                self.metrics.request("apply", "configmaps", Err(&e));
-                return Err(WriteError::Api(e));
-            }
-            Ok(Ok(cm)) => {
-                self.metrics.request("apply", "configmaps", Ok(()));
-                self.metrics.write_latency(started.elapsed());
-                cm
-            }
-        };
+        let cm =
+            call(&self.metrics, "apply", "configmaps", self.api.patch(name, &params, &Patch::Apply(&body))).await?;
         if first {
             self.drop_foreign_keys(name, &cm, keys).await?;
         }
@@ -240,7 +224,7 @@ impl Publisher {
     /// by another writer (the Go daemon this one replaces) would stay forever
     /// and make their ports look busy, so on the first write after start
     /// they are removed with a JSON merge patch.
-    async fn drop_foreign_keys(&self, name: &str, cm: &ConfigMap, keys: &BTreeSet<u16>) -> Result<(), WriteError> {
+    async fn drop_foreign_keys(&self, name: &str, cm: &ConfigMap, keys: &BTreeSet<u16>) -> Result<(), CallError> {
         let stale: Map<String, Value> = cm
             .data
             .iter()
@@ -254,27 +238,9 @@ impl Publisher {
         tracing::info!(configmap = %name, keys = ?stale.keys().collect::<Vec<_>>(), "removing keys left by another writer");
         let patch = json!({"data": stale});
         let params = PatchParams::default();
-        let res = tokio::time::timeout(WRITE_TIMEOUT, self.api.patch(name, &params, &Patch::Merge(&patch))).await;
-        match res {
-            Err(_) => Err(WriteError::Timeout),
-            Ok(Err(e)) => {
-                self.metrics.request("patch", "configmaps", Err(&e));
-                Err(WriteError::Api(e))
-            }
-            Ok(Ok(_)) => {
-                self.metrics.request("patch", "configmaps", Ok(()));
-                Ok(())
-            }
-        }
+        call(&self.metrics, "patch", "configmaps", self.api.patch(name, &params, &Patch::Merge(&patch))).await?;
+        Ok(())
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum WriteError {
-    #[error("no answer within {WRITE_TIMEOUT:?}")]
-    Timeout,
-    #[error(transparent)]
-    Api(#[from] kube::Error),
 }
 
 async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
