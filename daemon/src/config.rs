@@ -83,6 +83,11 @@ pub struct Flags {
     #[arg(long, default_value = "200ms", value_parser = parse_duration)]
     pub publish_debounce: Duration,
 
+    /// Least time between two writes of the port-usage ConfigMap (ephemeral
+    /// ports inside the watched ranges change often on a busy node).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub publish_min_interval: Duration,
+
     /// The log sweeps' flags (`--dbcluster-log-dir`, `--ins-folder-overdue-days`, ...).
     #[command(flatten)]
     pub logs: LogSweepArgs,
@@ -210,6 +215,7 @@ impl Flags {
             core_version_cm_labels: self.core_version_cm_labels.clone(),
             heartbeat: self.node_heartbeat_interval,
             publish_debounce: self.publish_debounce,
+            publish_min_interval: self.publish_min_interval,
         }
     }
 

@@ -207,9 +207,7 @@ pub fn spawn(
     conditions: NodeConditions,
     shutdown: CancellationToken,
 ) -> Result<watch::Receiver<NetworkState>, NetworkError> {
-    let groups = [MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr, MulticastGroup::Ipv6Ifaddr];
-    let (conn, handle, mut events) = new_multicast_connection(&groups).map_err(NetworkError::Socket)?;
-    tokio::spawn(conn);
+    let (mut handle, mut events) = connect().map_err(NetworkError::Socket)?;
     let first = nic.borrow_and_update().clone();
     let (tx, rx) = watch::channel(NetworkState::unknown(&first));
     tokio::spawn(async move {
@@ -217,6 +215,7 @@ pub fn spawn(
         let mut resync = tokio::time::interval(RESYNC);
         // Standalone, the NIC comes from flags and never changes.
         let mut nic_open = true;
+        let mut reconnects = 0u32;
         loop {
             let state = dump(&handle, &cfg).await;
             let changed = tx.send_if_modified(|cur| {
@@ -240,7 +239,21 @@ pub fn spawn(
                     Err(_) => nic_open = false,
                 },
                 ev = events.next() => match ev {
-                    None => return,
+                    None => {
+                        // The netlink connection failed: open a new one (the
+                        // resync timer keeps the state honest meanwhile).
+                        let wait = crate::kube::client::backoff(reconnects).min(RESYNC);
+                        reconnects = reconnects.saturating_add(1);
+                        tracing::warn!(retry_in = ?wait, "rtnetlink event stream ended; reconnecting");
+                        tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            () = tokio::time::sleep(wait) => {}
+                        }
+                        match connect() {
+                            Ok((h, e)) => (handle, events) = (h, e),
+                            Err(e) => tracing::warn!(error = %e, "rtnetlink reconnect failed"),
+                        }
+                    }
                     Some((msg, _)) if !is_link_or_address(&msg.payload) => continue,
                     Some(_) => {
                         // Let the burst finish, then drain it: one dump serves all.
@@ -252,6 +265,20 @@ pub fn spawn(
         }
     });
     Ok(rx)
+}
+
+type Events = futures_channel::mpsc::UnboundedReceiver<(
+    rtnetlink::packet_core::NetlinkMessage<RouteNetlinkMessage>,
+    rtnetlink::proto::sys::SocketAddr,
+)>;
+
+/// A route-netlink connection subscribed to link and address events; the
+/// handle issues dumps over the same socket.
+fn connect() -> std::io::Result<(Handle, Events)> {
+    let groups = [MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr, MulticastGroup::Ipv6Ifaddr];
+    let (conn, handle, events) = new_multicast_connection(&groups)?;
+    tokio::spawn(conn);
+    Ok((handle, events))
 }
 
 fn is_link_or_address(payload: &NetlinkPayload<RouteNetlinkMessage>) -> bool {

@@ -115,6 +115,8 @@ fn versions_follow_images_across_docker_and_containerd() {
         let mut d = start(&api, &rt, 8900, "node-a", &["--cri-poll-interval", "1s"]);
         wait_versions(&api, &mut d, "node-a", "v1,v2");
         let (_, check) = availability(&api, "node-a").expect("availability");
+        let cm = api.get("configmaps", Some(NS), "polarstack-daemon-version-availability-node-a").expect("cm");
+        assert_eq!(cm["metadata"]["ownerReferences"][0]["name"], "node-a", "removed with its Node: {cm}");
         assert!(check.len() == 20 && check.ends_with('Z'), "checkTime UTC YYYY-MM-DDTHH:MM:SSZ: {check}");
         let (st, v3) = status_of(&d, "v3");
         assert_eq!(st, "missing", "{v3}");

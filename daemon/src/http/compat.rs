@@ -14,6 +14,7 @@ use kube::Api;
 use serde_json::{json, Value};
 
 use super::AppState;
+use crate::kube::{client::call, is_object_name};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -83,11 +84,18 @@ async fn get_standby_ip(State(st): State<AppState>, RawQuery(q): RawQuery) -> Re
         return fail(StatusCode::BAD_REQUEST, "podName is required");
     };
     let namespace = namespace.filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into());
+    // They go into a URL path: only what Kubernetes allows in names.
+    for (what, v) in [("podName", &pod_name), ("namespace", &namespace)] {
+        if !is_object_name(v) {
+            return fail(StatusCode::BAD_REQUEST, &format!("{what} {v:?} is not a valid Kubernetes name"));
+        }
+    }
     let Some(cluster) = &st.cluster else {
         return fail(StatusCode::SERVICE_UNAVAILABLE, "no cluster configured: running standalone");
     };
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &namespace);
-    let pod = match pods.get_opt(&pod_name).await {
+    let metrics = &cluster.metrics;
+    let pod = match call(metrics, "get", "pods", pods.get_opt(&pod_name)).await {
         Ok(Some(p)) => p,
         Ok(None) => return fail(StatusCode::NOT_FOUND, &format!("pod {namespace}/{pod_name} not found")),
         Err(e) => return fail(StatusCode::BAD_GATEWAY, &format!("reading pod {namespace}/{pod_name}: {e}")),
@@ -96,7 +104,7 @@ async fn get_standby_ip(State(st): State<AppState>, RawQuery(q): RawQuery) -> Re
         return fail(StatusCode::CONFLICT, &format!("pod {namespace}/{pod_name} is not scheduled on a node"));
     };
     let nodes: Api<Node> = Api::all(cluster.client.clone());
-    let node = match nodes.get_opt(&node_name).await {
+    let node = match call(metrics, "get", "nodes", nodes.get_opt(&node_name)).await {
         Ok(Some(n)) => n,
         Ok(None) => return fail(StatusCode::NOT_FOUND, &format!("node {node_name} not found")),
         Err(e) => return fail(StatusCode::BAD_GATEWAY, &format!("reading node {node_name}: {e}")),

@@ -179,7 +179,7 @@ async fn one(
     let found: Vec<&Socket> = protos.iter().flat_map(|p| table.map.sockets_on((*p, port))).collect();
     let host_ports = host_ports_on(&st, &protos, port);
     let taken = protos.iter().any(|p| table.map.is_taken((*p, port))) || !host_ports.is_empty();
-    let certain = table.status.certain();
+    let certain = table.status.certain() && host_ports_known(&st);
     let mut body = json!({
         "port": port,
         // Never say free when unsure: while resyncing, absent means busy.
@@ -189,7 +189,9 @@ async fn one(
         "host_ports": host_ports,
     });
     if !certain {
-        body["reason"] = json!("the port map is not complete yet (starting, or resyncing after lost events)");
+        body["reason"] = json!(
+            "the port map is not complete yet (starting, resyncing after lost events, or this node's pods not listed yet)"
+        );
     }
     Ok(Json(body).into_response())
 }
@@ -200,6 +202,12 @@ fn host_ports_on(st: &AppState, protos: &[Proto], port: u16) -> Vec<HostPort> {
     let Some(c) = &st.cluster else { return Vec::new() };
     let host = c.host_ports.borrow();
     host.ports.iter().filter(|h| h.port == port && protos.contains(&h.proto)).cloned().collect()
+}
+
+/// In a cluster, hostPorts are taken ports too: until this node's pods are
+/// listed, no port can be promised free.
+fn host_ports_known(st: &AppState) -> bool {
+    st.cluster.as_ref().is_none_or(|c| c.host_ports.borrow().synced)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -247,9 +255,10 @@ async fn free(State(st): State<AppState>, RawQuery(q): RawQuery) -> Result<Respo
         FreeProto::Both => &Proto::ALL,
     };
     let table = st.ports.read();
-    if !table.status.certain() {
+    if !table.status.certain() || !host_ports_known(&st) {
         return Err(ApiError::Unavailable(
-            "the port map is not complete yet (starting, or resyncing after lost events); no port can be promised free"
+            "the port map is not complete yet (starting, resyncing after lost events, or this node's pods not listed \
+             yet); no port can be promised free"
                 .into(),
         ));
     }

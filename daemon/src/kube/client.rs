@@ -77,8 +77,17 @@ pub async fn client(access: &Access) -> Result<kube::Client, ClientError> {
         Access::Master(m) => kube::Config::new(parse_master(m)?),
         Access::InCluster => kube::Config::incluster().map_err(ClientError::InCluster)?,
     };
+    let mut config = config;
+    // kube sets no read timeout: a watch on a connection that died without a
+    // reset (an API server or load balancer failing over) would wait forever
+    // and freeze every input. Longer than the watcher's 290 s server-side
+    // timeout, so healthy idle watches are never cut.
+    config.read_timeout = Some(READ_TIMEOUT);
     kube::Client::try_from(config).map_err(ClientError::Client)
 }
+
+/// See [`client`]: the longest an answer (or a watch event) may take.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(320);
 
 /// Waits before retry `attempt` (0-based): exponential from 500 ms, capped at
 /// 30 s, with ±50% jitter so a fleet of daemons does not retry in step after

@@ -13,7 +13,7 @@ use std::{
     time::SystemTime,
 };
 
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::{
     api::{Patch, PatchParams},
     runtime::watcher,
@@ -51,8 +51,9 @@ pub fn spawn_versions(
     labels: &str,
     metrics: Arc<ApiMetrics>,
     shutdown: CancellationToken,
-) -> watch::Receiver<Vec<EngineVersion>> {
+) -> (watch::Receiver<Vec<EngineVersion>>, watch::Receiver<bool>) {
     let (tx, rx) = watch::channel(Vec::new());
+    let (synced_tx, synced) = watch::channel(false);
     let api: Api<ConfigMap> = Api::namespaced(client, NAMESPACE);
     let cfg = watcher::Config::default().labels(labels);
     let mut warned: BTreeSet<(String, String)> = BTreeSet::new();
@@ -84,8 +85,11 @@ pub fn spawn_versions(
             *cur = next;
             changed
         });
+        if view.synced {
+            synced_tx.send_if_modified(|s| !std::mem::replace(s, true));
+        }
     }));
-    rx
+    (rx, synced)
 }
 
 /// The cluster-wide rescan bus.
@@ -162,59 +166,105 @@ pub fn spawn_bus(
 }
 
 /// Publishes the availability ConfigMap.
-pub async fn publish_availability(
-    api: Api<ConfigMap>,
-    node: String,
-    mut state: watch::Receiver<EngineState>,
-    metrics: Arc<ApiMetrics>,
-    shutdown: CancellationToken,
-) {
-    let name = availability_name(&node);
-    let mut published: Option<BTreeSet<String>> = None;
-    let mut published_requests = 0u64;
-    let mut attempt = 0u32;
-    loop {
-        let (want, requested) = {
-            let st = state.borrow_and_update();
-            let mut want: BTreeSet<String> = st.available().map(str::to_owned).collect();
-            // A version whose runtime is down stays as last published: the
-            // operator must not see it vanish because dockerd restarted.
-            for v in st.versions.iter().filter(|v| v.status == Availability::Unknown) {
-                if published.as_ref().is_some_and(|p| p.contains(&v.name)) {
-                    want.insert(v.name.clone());
-                }
+pub struct AvailabilityPublisher {
+    pub api: Api<ConfigMap>,
+    pub nodes: Api<Node>,
+    pub node: String,
+    pub state: watch::Receiver<EngineState>,
+    pub versions_synced: watch::Receiver<bool>,
+    pub metrics: Arc<ApiMetrics>,
+}
+
+impl AvailabilityPublisher {
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let name = availability_name(&self.node);
+        // Nothing is written before the version ConfigMaps are listed and a
+        // scan has run: an early write would say "no versions" after every
+        // restart.
+        loop {
+            let ready = *self.versions_synced.borrow() && self.state.borrow().scans > 0;
+            if ready {
+                break;
             }
-            (want, st.requested_scans)
-        };
-        let ready = state.borrow().scans > 0;
-        if ready && (published.as_ref() != Some(&want) || requested != published_requests) {
-            let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {"name": name, "namespace": NAMESPACE},
-                "data": {"existingVersions": want.iter().cloned().collect::<Vec<_>>().join(","),
-                         "checkTime": utc_seconds(SystemTime::now())}});
-            let params = PatchParams::apply(FIELD_MANAGER).force();
-            let res = call(&metrics, "apply", "configmaps", api.patch(&name, &params, &Patch::Apply(&body))).await;
-            if let Err(e) = &res {
-                tracing::warn!(configmap = %name, error = %e, "publishing engine availability failed");
-            }
-            if res.is_ok() {
-                tracing::info!(configmap = %name, versions = ?want, "engine availability published");
-                published = Some(want);
-                published_requests = requested;
-                attempt = 0;
-            } else {
-                let wait = backoff(attempt);
-                attempt = attempt.saturating_add(1);
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(wait) => {}
-                }
-                continue;
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = self.versions_synced.changed() => if r.is_err() { return },
+                r = self.state.changed() => if r.is_err() { return },
             }
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            r = state.changed() => if r.is_err() { return },
+        // What the ConfigMap said before this process: versions whose runtime
+        // is down right now stay listed as they were.
+        let mut kept = self.existing(&name).await;
+        let mut published: Option<BTreeSet<String>> = None;
+        let mut published_requests = 0u64;
+        let mut owner = None;
+        let mut attempt = 0u32;
+        loop {
+            let (want, requested) = {
+                let st = self.state.borrow_and_update();
+                let mut want: BTreeSet<String> = st.available().map(str::to_owned).collect();
+                // A version whose runtime is down stays as last published: the
+                // operator must not see it vanish because dockerd restarted.
+                let before = published.as_ref().unwrap_or(&kept);
+                for v in st.versions.iter().filter(|v| v.status == Availability::Unknown) {
+                    if before.contains(&v.name) {
+                        want.insert(v.name.clone());
+                    }
+                }
+                (want, st.requested_scans)
+            };
+            if published.as_ref() != Some(&want) || requested != published_requests {
+                if owner.is_none() {
+                    owner = super::node_owner(&self.nodes, &self.node, &self.metrics).await;
+                }
+                let mut metadata = json!({"name": name, "namespace": NAMESPACE});
+                if let Some(o) = &owner {
+                    metadata["ownerReferences"] = json!([o]);
+                }
+                let body = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata,
+                    "data": {"existingVersions": want.iter().cloned().collect::<Vec<_>>().join(","),
+                             "checkTime": utc_seconds(SystemTime::now())}});
+                let params = PatchParams::apply(FIELD_MANAGER).force();
+                let res =
+                    call(&self.metrics, "apply", "configmaps", self.api.patch(&name, &params, &Patch::Apply(&body)))
+                        .await;
+                match res {
+                    Ok(_) => {
+                        tracing::info!(configmap = %name, versions = ?want, "engine availability published");
+                        kept = want.clone();
+                        published = Some(want);
+                        published_requests = requested;
+                        attempt = 0;
+                    }
+                    Err(e) => {
+                        tracing::warn!(configmap = %name, error = %e, "publishing engine availability failed");
+                        let wait = backoff(attempt);
+                        attempt = attempt.saturating_add(1);
+                        tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            () = tokio::time::sleep(wait) => {}
+                        }
+                        continue;
+                    }
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = self.state.changed() => if r.is_err() { return },
+            }
+        }
+    }
+
+    /// `existingVersions` as the ConfigMap has it now (empty when absent or unreadable).
+    async fn existing(&self, name: &str) -> BTreeSet<String> {
+        match call(&self.metrics, "get", "configmaps", self.api.get_opt(name)).await {
+            Ok(Some(cm)) => cm
+                .data
+                .as_ref()
+                .and_then(|d| d.get("existingVersions"))
+                .map(|v| v.split(',').filter(|n| !n.is_empty()).map(str::to_owned).collect())
+                .unwrap_or_default(),
+            _ => BTreeSet::new(),
         }
     }
 }

@@ -66,6 +66,7 @@ pub struct ClusterConfig {
     pub core_version_cm_labels: String,
     pub heartbeat: Duration,
     pub publish_debounce: Duration,
+    pub publish_min_interval: Duration,
 }
 
 /// A running cluster connection: read handles for the HTTP sink and the
@@ -83,6 +84,8 @@ pub struct Cluster {
     pub conditions: NodeConditions,
     pub live_instances: Arc<LiveInsIds>,
     pub versions: watch::Receiver<Vec<crate::engines::versions::EngineVersion>>,
+    /// The version ConfigMaps have been listed once.
+    pub versions_synced: watch::Receiver<bool>,
 }
 
 /// What `/api/v2/kubernetes` and `/readyz` show.
@@ -124,8 +127,9 @@ impl Cluster {
     }
 }
 
-/// A DNS-1123 subdomain, as node names are: it ends up in object names.
-fn valid_node_name(n: &str) -> bool {
+/// A DNS-1123 subdomain, as node, pod and namespace names are: they end up
+/// in object names and URL paths.
+pub fn is_object_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 253
         && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
@@ -144,7 +148,7 @@ pub async fn start(
         return Ok(None);
     }
     let node = cfg.node.clone().filter(|n| !n.trim().is_empty()).ok_or(ClusterError::NoNodeName)?;
-    if !valid_node_name(&node) {
+    if !is_object_name(&node) {
         return Err(ClusterError::BadNodeName(node));
     }
     let client = client::client(&cfg.access).await?;
@@ -154,7 +158,7 @@ pub async fn start(
         settings::spawn(client.clone(), cfg.mpd_controller_cm_name.clone(), metrics.clone(), shutdown.clone());
     let host_ports = pods::spawn_host_ports(client.clone(), &node, metrics.clone(), shutdown.clone());
     let live_instances = LiveInsIds::spawn(client.clone(), metrics.clone(), shutdown.clone());
-    let versions =
+    let (versions, versions_synced) =
         engines::spawn_versions(client.clone(), &cfg.core_version_cm_labels, metrics.clone(), shutdown.clone());
     let nodes: Api<Node> = Api::all(client.clone());
     let (conditions, node_status) =
@@ -171,6 +175,7 @@ pub async fn start(
         metrics: metrics.clone(),
         state: usage_tx,
         debounce: cfg.publish_debounce,
+        min_interval: cfg.publish_min_interval,
     };
     tokio::spawn(publisher.run(shutdown));
     Ok(Some(Cluster {
@@ -184,6 +189,7 @@ pub async fn start(
         conditions,
         live_instances,
         versions,
+        versions_synced,
     }))
 }
 
@@ -194,15 +200,32 @@ pub fn start_engines(
     engines: &crate::engines::Engines,
     shutdown: CancellationToken,
 ) -> engines::RescanBus {
-    let api = Api::<ConfigMap>::namespaced(c.client.clone(), NAMESPACE);
-    tokio::spawn(engines::publish_availability(
-        api,
-        c.node.clone(),
-        engines.state.clone(),
-        c.metrics.clone(),
-        shutdown.clone(),
-    ));
+    let publisher = engines::AvailabilityPublisher {
+        api: Api::<ConfigMap>::namespaced(c.client.clone(), NAMESPACE),
+        nodes: Api::all(c.client.clone()),
+        node: c.node.clone(),
+        state: engines.state.clone(),
+        versions_synced: c.versions_synced.clone(),
+        metrics: c.metrics.clone(),
+    };
+    tokio::spawn(publisher.run(shutdown.clone()));
     engines::spawn_bus(c.client.clone(), engines.clone(), c.metrics.clone(), shutdown)
+}
+
+/// The ownerReference to this Node, so per-node ConfigMaps go with the node
+/// (the original left them behind). None while the Node cannot be read: the
+/// ConfigMap is then published without it, and the caller asks again later.
+pub async fn node_owner(nodes: &Api<Node>, node: &str, metrics: &ApiMetrics) -> Option<serde_json::Value> {
+    match client::call(metrics, "get", "nodes", nodes.get(node)).await {
+        Ok(n) => {
+            let uid = n.metadata.uid?;
+            Some(serde_json::json!({"apiVersion": "v1", "kind": "Node", "name": node, "uid": uid}))
+        }
+        Err(e) => {
+            tracing::warn!(node, error = %e, "cannot read this Node; publishing without an ownerReference");
+            None
+        }
+    }
 }
 
 /// Sets `NodeOobIP` whenever `isCheckOObIP` is (or turns) on.
@@ -229,10 +252,10 @@ mod tests {
     #[test]
     fn node_names() {
         for ok in ["node-1", "a", "ip-10-0-0-1.ec2.internal"] {
-            assert!(valid_node_name(ok), "{ok}");
+            assert!(is_object_name(ok), "{ok}");
         }
         for bad in ["", "Node1", "-a", "a-", "a_b", "a/b", &"x".repeat(254)] {
-            assert!(!valid_node_name(bad), "{bad}");
+            assert!(!is_object_name(bad), "{bad}");
         }
     }
 }

@@ -116,7 +116,7 @@ pub fn spawn(
 ) -> (NodeConditions, watch::Receiver<NodeStatusState>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let (state_tx, state_rx) = watch::channel(NodeStatusState::default());
-    let writer = Writer { nodes, node, metrics, state: state_tx, managed: BTreeMap::new(), seeded: false };
+    let writer = Writer { nodes, node, metrics, state: state_tx, managed: BTreeMap::new(), seeded: None };
     tokio::spawn(writer.run(rx, heartbeat, shutdown));
     let handle = NodeConditions { tx: Some(tx) };
     handle.set(refresh_flag());
@@ -129,9 +129,11 @@ struct Writer {
     metrics: Arc<ApiMetrics>,
     state: watch::Sender<NodeStatusState>,
     managed: BTreeMap<String, Managed>,
-    /// The node's existing conditions have been read once, so their
-    /// lastTransitionTime survives a daemon restart.
-    seeded: bool,
+    /// The node's conditions as they were when this process started (type
+    /// -> status, lastTransitionTime), read once before the first write, so
+    /// a restart keeps the transition time of every condition whose status
+    /// did not change, including ones a domain sets only later.
+    seeded: Option<BTreeMap<String, (String, String)>>,
 }
 
 impl Writer {
@@ -193,11 +195,12 @@ impl Writer {
                 m.written = false;
             }
             None => {
-                let type_ = c.type_.clone();
-                self.managed.insert(
-                    type_,
-                    Managed { want: c, written_status: None, written: false, transition: String::new() },
-                );
+                let (written_status, transition) = self
+                    .seeded
+                    .as_ref()
+                    .and_then(|seen| seen.get(&c.type_).cloned())
+                    .map_or((None, String::new()), |(status, t)| (Some(status), t));
+                self.managed.insert(c.type_.clone(), Managed { want: c, written_status, written: false, transition });
             }
         }
     }
@@ -205,21 +208,34 @@ impl Writer {
     /// Reads the node's current conditions once, so a restart keeps the
     /// transition times of conditions whose status did not change.
     async fn seed(&mut self) -> Result<(), CallError> {
-        let node = call(&self.metrics, "get", "nodes/status", self.nodes.get_status(&self.node)).await?;
+        let node = match call(&self.metrics, "get", "nodes", self.nodes.get(&self.node)).await {
+            Ok(n) => n,
+            // Without read access the conditions are still written; only
+            // their transition times start afresh.
+            Err(CallError::Api(kube::Error::Api(e))) if e.code == 403 => {
+                tracing::warn!(node = %self.node, "cannot read this Node (RBAC): condition transition times restart now");
+                self.seeded = Some(BTreeMap::new());
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let mut seen = BTreeMap::new();
         for c in node.status.and_then(|s| s.conditions).unwrap_or_default() {
-            if let Some(m) = self.managed.get_mut(&c.type_) {
-                m.written_status = Some(c.status.clone());
-                if let Some(t) = c.last_transition_time {
-                    m.transition = t.0.to_string();
-                }
+            let t = c.last_transition_time.map(|t| t.0.to_string()).unwrap_or_default();
+            seen.insert(c.type_, (c.status, t));
+        }
+        for (type_, m) in &mut self.managed {
+            if let Some((status, t)) = seen.get(type_) {
+                m.written_status = Some(status.clone());
+                m.transition = t.clone();
             }
         }
-        self.seeded = true;
+        self.seeded = Some(seen);
         Ok(())
     }
 
     async fn write(&mut self, heartbeat: bool) -> Result<(), CallError> {
-        if !self.seeded {
+        if self.seeded.is_none() {
             self.seed().await?;
         }
         let now = utc_seconds(SystemTime::now());

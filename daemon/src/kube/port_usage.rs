@@ -19,7 +19,8 @@ use std::{
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::{
     api::{Patch, PatchParams},
-    Api, Resource as _,
+    runtime::watcher,
+    Api,
 };
 use serde::Serialize;
 use serde_json::{json, Map, Value};
@@ -28,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     client::{backoff, call, ApiMetrics, CallError},
+    mirror,
     pods::HostPorts,
     settings::Settings,
     FIELD_MANAGER, NAMESPACE,
@@ -94,6 +96,9 @@ pub struct Publisher {
     pub metrics: Arc<ApiMetrics>,
     pub state: watch::Sender<PublishState>,
     pub debounce: Duration,
+    /// Least time between two writes: ephemeral ports in the watched ranges
+    /// would otherwise rewrite the ConfigMap several times a second.
+    pub min_interval: Duration,
 }
 
 impl Publisher {
@@ -101,6 +106,8 @@ impl Publisher {
         let name = configmap_name(&self.node);
         self.state.send_modify(|s| s.configmap = name.clone());
         let mut changes = self.ports.subscribe();
+        let mut exists = self.watch_own(&name, shutdown.clone());
+        let mut last_write: Option<tokio::time::Instant> = None;
         let mut owner: Option<Value> = None;
         let mut published: Option<BTreeSet<u16>> = None;
         let mut attempt = 0u32;
@@ -119,13 +126,26 @@ impl Publisher {
                 },
                 r = self.settings.changed() => if r.is_err() { return },
                 r = self.host_ports.changed() => if r.is_err() { return },
+                r = exists.changed() => {
+                    if r.is_err() { return }
+                    // Deleted by hand, or collected with a re-registered
+                    // Node: the operator needs it, so write it again (with
+                    // the Node's current uid as owner).
+                    if *exists.borrow_and_update() == Some(false) && published.is_some() {
+                        tracing::warn!(configmap = %name, "the port-usage ConfigMap disappeared; recreating it");
+                        published = None;
+                        owner = None;
+                    }
+                }
                 _ = recheck.tick() => {}
-                () = sleep_until_opt(retry_at) => {}
+                () = sleep_until_opt(retry_at) => retry_at = None,
             }
-            // Coalesce a burst of binds into one write.
+            // Coalesce a burst of binds into one write, and keep writes at
+            // least `min_interval` apart.
+            let gap = last_write.map_or(Duration::ZERO, |t| self.min_interval.saturating_sub(t.elapsed()));
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(self.debounce) => {}
+                () = tokio::time::sleep(self.debounce.max(gap)) => {}
             }
             let settings = self.settings.borrow().clone();
             if !settings.synced {
@@ -137,19 +157,27 @@ impl Publisher {
             }
             self.state.send_if_modified(|s| std::mem::replace(&mut s.paused, false));
             let host = self.host_ports.borrow().clone();
+            if !host.synced {
+                continue; // hostPorts unknown yet: a key could be missing
+            }
             let Some(want) = desired(&self.ports, &settings, &host, published.as_ref()) else { continue };
             if published.as_ref() == Some(&want) {
+                // A failed write may have become unnecessary.
+                retry_at = None;
+                self.metrics.port_usage_pending.store(0, Ordering::Relaxed);
+                self.state.send_if_modified(|s| std::mem::replace(&mut s.pending, false));
                 continue;
             }
-            if retry_at.is_some_and(|t| t > tokio::time::Instant::now()) {
+            if retry_at.is_some() {
                 continue; // backing off: the timer will bring us back
             }
             self.metrics.port_usage_pending.store(1, Ordering::Relaxed);
             self.state.send_modify(|s| s.pending = true);
             if owner.is_none() {
-                owner = self.node_owner().await;
+                owner = super::node_owner(&self.nodes, &self.node, &self.metrics).await;
             }
             let first = published.is_none();
+            last_write = Some(tokio::time::Instant::now());
             match self.write(&name, &want, owner.as_ref(), first).await {
                 Ok(()) => {
                     attempt = 0;
@@ -176,20 +204,26 @@ impl Publisher {
         }
     }
 
-    /// The ownerReference to this Node, so the ConfigMap goes with the node
-    /// (the original left stale per-node ConfigMaps behind). Without it (the
-    /// Node cannot be read yet) the ConfigMap is still published.
-    async fn node_owner(&self) -> Option<Value> {
-        match call(&self.metrics, "get", "nodes", self.nodes.get(&self.node)).await {
-            Ok(node) => {
-                let uid = node.meta().uid.clone()?;
-                Some(json!({"apiVersion": "v1", "kind": "Node", "name": self.node, "uid": uid}))
-            }
-            Err(e) => {
-                tracing::warn!(node = %self.node, error = %e, "cannot read this Node; publishing without an ownerReference");
-                None
-            }
-        }
+    /// Whether this node's ConfigMap exists (None until the watch has listed).
+    fn watch_own(&self, name: &str, shutdown: CancellationToken) -> watch::Receiver<Option<bool>> {
+        let (tx, rx) = watch::channel(None);
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        tokio::spawn(mirror::run(
+            self.api.clone(),
+            cfg,
+            "configmaps/port-usage",
+            self.metrics.clone(),
+            shutdown,
+            move |view| {
+                if view.synced {
+                    tx.send_if_modified(|cur| {
+                        let next = Some(!view.objects.is_empty());
+                        std::mem::replace(cur, next) != next
+                    });
+                }
+            },
+        ));
+        rx
     }
 
     async fn write(
