@@ -4,14 +4,14 @@
 //! Layout, sources -> state -> sinks:
 //! - [`ports`]: which local ports are taken. eBPF events (the programs are in
 //!   `daemon-ebpf/`) and sock_diag dumps feed one owner task and its map.
-//! - [`logs`]: safe sweeps of the instance log root (the original's three
-//!   rules, fd-relative and fail-closed), on a schedule and on request.
-//! - [`kube`]: cluster inputs (watched ConfigMaps and pods) and the
-//!   Kubernetes sinks (the port-usage ConfigMap, Node conditions); absent in
-//!   standalone mode.
 //! - [`network`]: the client NIC's state and address, from rtnetlink events.
 //! - [`engines`]: which engine versions have all their images here, from
 //!   the Docker API and CRI.
+//! - [`logs`]: safe sweeps of the instance log root (the original's three
+//!   rules, fd-relative and fail-closed), on a schedule and on request.
+//! - [`kube`]: cluster inputs (watched ConfigMaps and pods, which set the
+//!   sources' settings) and the Kubernetes sinks (the port-usage and
+//!   availability ConfigMaps, Node conditions); absent in standalone mode.
 //! - [`http`]: the HTTP sink (health, readiness, metrics, the native API).
 //! - [`config`]: flags, including the original daemon's; [`telemetry`]: logs
 //!   and the metrics text writer; [`time`]: timestamp layouts.

@@ -125,6 +125,6 @@ fn main() {
             per_hour(reqs.len()),
             per_hour(writes)
         );
-        println!("(watches re-connect every ~290 s, the NodeRefreshFlag heartbeat is every 5 min: seven watches, about 87 + 12 requests per hour)");
+        println!("(watches re-connect every ~290 s, the NodeRefreshFlag heartbeat is every 5 min: eight watches, about 99 + 12 requests per hour)");
     });
 }
