@@ -9,21 +9,15 @@
 //!   original's (about 2,400 patches and 1,200 node lists per node per hour).
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    process::Command,
     time::{Duration, Instant},
 };
 
-use polarstack_tests::{fake_api::FakeApi, in_new_netns, wait_for, Daemon};
+use polarstack_tests::{fake_api::FakeApi, in_new_netns, sh, wait_for, Daemon};
 use serde_json::json;
 use socket2::{Domain, Protocol, Socket, Type};
 
 const NODE: &str = "bench-node";
 const NS: &str = "kube-system";
-
-fn sh(args: &[&str]) {
-    let st = Command::new(args[0]).args(&args[1..]).status().expect("run");
-    assert!(st.success(), "{args:?}");
-}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]

@@ -285,6 +285,34 @@ pub fn wait_event(rx: &mpsc::Receiver<String>, kind: &str, port: u16, timeout: D
     false
 }
 
+/// Runs a command to completion, feeding `stdin` when given, and panics with
+/// its status and output when it fails; returns the output to read.
+pub fn run_ok(cmd: &mut Command, stdin: Option<&[u8]>) -> std::process::Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    if let Some(input) = stdin {
+        child.stdin.take().expect("stdin").write_all(input).expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// [`run_ok`] for a command line given as words: `sh(&["ip", "link", "set", "x", "up"])`.
+pub fn sh(args: &[&str]) -> std::process::Output {
+    run_ok(Command::new(args[0]).args(&args[1..]), None)
+}
+
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.
 pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

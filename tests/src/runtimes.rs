@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use crate::{in_ci, wait_for};
+use crate::{in_ci, run_ok, wait_for};
 
 pub struct Runtimes {
     pub dir: tempdir::Dir,
@@ -176,37 +176,21 @@ impl Runtimes {
 
     /// An empty image named `name` in dockerd (`docker import` of an empty tar).
     pub fn docker_import(&self, name: &str) {
-        run(self.docker(&["import", "-", name]), Some(&empty_tar()));
+        run_ok(&mut self.docker(&["import", "-", name]), Some(&empty_tar()));
     }
 
     /// The image `name` from dockerd, saved and imported into containerd's
     /// `k8s.io` namespace (containerd names it `docker.io/...`).
     pub fn ctr_import_from_docker(&self, name: &str) {
         let tar = self.dir.path().join(format!("img-{}.tar", name.replace(['/', ':'], "_")));
-        run(self.docker(&["save", "-o", tar.to_str().expect("utf-8"), name]), None);
-        run(self.ctr(&["images", "import", tar.to_str().expect("utf-8")]), None);
+        run_ok(&mut self.docker(&["save", "-o", tar.to_str().expect("utf-8"), name]), None);
+        run_ok(&mut self.ctr(&["images", "import", tar.to_str().expect("utf-8")]), None);
     }
 }
 
 /// A tar archive with no members (two zero blocks).
 fn empty_tar() -> Vec<u8> {
     vec![0u8; 1024]
-}
-
-/// Runs `cmd` (with `stdin` when given), panicking with its output on failure.
-pub fn run(mut cmd: Command, stdin: Option<&[u8]>) -> String {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    });
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    if let Some(input) = stdin {
-        child.stdin.take().expect("stdin").write_all(input).expect("write stdin");
-    }
-    let out = child.wait_with_output().expect("wait");
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 impl Drop for Runtimes {

@@ -10,7 +10,6 @@
 //! one, a test is skipped with a note, except under CI, where it fails.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::Write,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
@@ -19,7 +18,7 @@ use std::{
 
 use polarstack_tests::{
     fake_api::{FakeApi, RbacRule},
-    in_ci, in_new_netns,
+    in_ci, in_new_netns, run_ok,
     runtimes::{self, Runtimes},
     wait_for, Daemon,
 };
@@ -60,34 +59,11 @@ fn tool(name: &str) -> Option<PathBuf> {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    run_ok(cmd, None)
 }
 
 fn run_stdin(cmd: &mut Command, input: &[u8]) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    child.stdin.take().expect("stdin").write_all(input).expect("write stdin");
-    let out = child.wait_with_output().expect("wait");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    run_ok(cmd, Some(input))
 }
 
 /// Every document of a multi-document YAML stream, as JSON.

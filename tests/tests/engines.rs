@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, thread, time::Duration};
 
 use polarstack_tests::{
     fake_api::FakeApi,
-    in_new_netns,
+    in_new_netns, run_ok,
     runtimes::{self, Runtimes},
     wait_for, Daemon,
 };
@@ -88,7 +88,7 @@ fn versions_follow_images_across_docker_and_containerd() {
         // (docker.io/ form) and by docker (plain form).
         rt.docker_import("polardb/pg_engine:2");
         rt.ctr_import_from_docker("polardb/pg_engine:2");
-        runtimes::run(rt.docker(&["rmi", "polardb/pg_engine:2"]), None);
+        run_ok(&mut rt.docker(&["rmi", "polardb/pg_engine:2"]), None);
         rt.docker_import("polardb/pfsd:2");
         // A same-named image from another registry or with another tag is not it.
         rt.docker_import("reg.example.com/polardb/pg_engine:3");
@@ -140,12 +140,12 @@ fn versions_follow_images_across_docker_and_containerd() {
         );
 
         // docker rmi: v1 leaves (Docker's events, not a poll); import: it returns.
-        runtimes::run(rt.docker(&["rmi", "polardb/pg_manager:1"]), None);
+        run_ok(&mut rt.docker(&["rmi", "polardb/pg_manager:1"]), None);
         wait_versions(&api, &mut d, "node-a", "v2");
         rt.docker_import("polardb/pg_manager:1");
         wait_versions(&api, &mut d, "node-a", "v1,v2");
         // ctr images rm: v2 leaves (CRI is polled); back again.
-        runtimes::run(rt.ctr(&["images", "rm", "docker.io/polardb/pg_engine:2"]), None);
+        run_ok(&mut rt.ctr(&["images", "rm", "docker.io/polardb/pg_engine:2"]), None);
         wait_versions(&api, &mut d, "node-a", "v1");
         rt.ctr_import_from_docker("polardb/pg_engine:1"); // unrelated image: no change
         thread::sleep(Duration::from_millis(1500));

@@ -12,7 +12,7 @@ use std::{
 
 use polarstack_tests::{
     fake_api::{FakeApi, Fault},
-    in_new_netns, wait_for, Daemon,
+    in_new_netns, sh, wait_for, Daemon,
 };
 use serde_json::{json, Value};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -291,12 +291,6 @@ fn cluster_mode_without_a_node_name_is_a_clear_error() {
         let reqs = api.requests();
         assert!(reqs.iter().all(|r| !r.is_write()), "nothing written: {reqs:?}");
     });
-}
-
-/// Runs a command, panicking with its output on failure.
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().expect("run");
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// The operator's reading (COMPAT.md): the union of keys over all nodes'

@@ -1,13 +1,8 @@
 //! The client network without a cluster: the same state the Node conditions
 //! carry, over HTTP, from rtnetlink events, for a veth whose peer the test flips.
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
-use polarstack_tests::{in_new_netns, wait_for, Daemon};
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().expect("run");
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
+use polarstack_tests::{in_new_netns, sh, wait_for, Daemon};
 
 #[test]
 fn standalone_daemon_serves_the_client_nic_state() {
