@@ -161,8 +161,14 @@ pub async fn start(
     let (versions, versions_synced) =
         engines::spawn_versions(client.clone(), &cfg.core_version_cm_labels, metrics.clone(), shutdown.clone());
     let nodes: Api<Node> = Api::all(client.clone());
-    let (conditions, node_status) =
-        node_status::spawn(nodes.clone(), node.clone(), cfg.heartbeat, metrics.clone(), shutdown.clone());
+    let (conditions, node_status) = node_status::spawn(
+        nodes.clone(),
+        node.clone(),
+        cfg.heartbeat,
+        settings.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    );
     spawn_oob(settings.clone(), conditions.clone());
     let (usage_tx, port_usage) = watch::channel(PublishState::default());
     let publisher = port_usage::Publisher {

@@ -25,8 +25,14 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::client::{backoff, call, ApiMetrics, CallError};
+use super::{
+    client::{backoff, call, ApiMetrics, CallError},
+    settings::Settings,
+};
 use crate::time::utc_seconds;
+
+/// The longest the first write waits for the cluster's settings.
+const SETTINGS_WAIT: Duration = Duration::from_secs(10);
 
 /// A condition as this daemon wants it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -111,13 +117,14 @@ pub fn spawn(
     nodes: Api<Node>,
     node: String,
     heartbeat: Duration,
+    settings: watch::Receiver<Settings>,
     metrics: Arc<ApiMetrics>,
     shutdown: CancellationToken,
 ) -> (NodeConditions, watch::Receiver<NodeStatusState>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let (state_tx, state_rx) = watch::channel(NodeStatusState::default());
     let writer = Writer { nodes, node, metrics, state: state_tx, managed: BTreeMap::new(), seeded: None };
-    tokio::spawn(writer.run(rx, heartbeat, shutdown));
+    tokio::spawn(writer.run(rx, heartbeat, settings, shutdown));
     let handle = NodeConditions { tx: Some(tx) };
     handle.set(refresh_flag());
     (handle, state_rx)
@@ -141,8 +148,17 @@ impl Writer {
         mut self,
         mut rx: mpsc::UnboundedReceiver<Condition>,
         heartbeat: Duration,
+        mut settings: watch::Receiver<Settings>,
         shutdown: CancellationToken,
     ) {
+        // The cluster's settings decide some conditions (ccm-config names the
+        // client NIC): hold the first write until they are read, so it is not
+        // about the flags' NIC. Bounded, so conditions still go out when only
+        // the ConfigMaps cannot be read; queued conditions replace each other.
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tokio::time::timeout(SETTINGS_WAIT, settings.wait_for(|s| s.synced)) => {}
+        }
         let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut attempt = 0u32;
