@@ -122,6 +122,11 @@ pub struct Flags {
     #[arg(long, default_value_t = polarstack_ebpf_common::DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]
     pub ring_buffer_bytes: u32,
 
+    /// Capacity of the kernel's table of bound, listening and UDP sockets
+    /// (whose close it reports). A full table is counted and reported.
+    #[arg(long, default_value_t = polarstack_ebpf_common::TRACKED_MAX_ENTRIES, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub tracked_sockets_max: u32,
+
     /// Run on sock_diag snapshots alone, without loading eBPF.
     #[arg(long)]
     pub disable_ebpf: bool,
@@ -239,6 +244,7 @@ impl Flags {
             verify_delay: self.verify_delay,
             loss_check_interval: Duration::from_millis(100),
             ring_bytes: self.ring_buffer_bytes,
+            tracked_max: self.tracked_sockets_max,
             disable_ebpf: self.disable_ebpf,
             cgroup_root: self.cgroup_root.clone(),
         }

@@ -17,6 +17,11 @@ pub fn rfc3339_millis(t: SystemTime) -> String {
     format!("{}.{ms:03}Z", &s[..s.len() - 1])
 }
 
+/// serde helper: an instant as RFC 3339.
+pub fn serialize_rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&rfc3339_millis(*t))
+}
+
 /// serde helper: an optional instant as RFC 3339, or null.
 pub fn serialize_opt_rfc3339<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
     match t {

@@ -194,6 +194,21 @@ impl Daemon {
         }
     }
 
+    /// The daemon's answers over [from, to]: the ports it lists as taken,
+    /// and whether it vouches, per protocol, that a port it does not list
+    /// is free (no blind spot of this kernel could hide one).
+    pub fn answers(&self, from: u16, to: u16) -> Answers {
+        let v = self.get_ok(&format!("/api/v2/ports?from={from}&to={to}"));
+        assert_eq!(v["complete"], true, "map incomplete: {v}");
+        let (tcp, udp) = self.taken(from, to);
+        Answers {
+            tcp,
+            udp,
+            tcp_certain: v["certain"]["tcp"].as_bool().expect("certain.tcp"),
+            udp_certain: v["certain"]["udp"].as_bool().expect("certain.udp"),
+        }
+    }
+
     /// Taken ports in [from, to] by protocol, as the daemon reports them.
     pub fn taken(&self, from: u16, to: u16) -> (std::collections::BTreeSet<u16>, std::collections::BTreeSet<u16>) {
         let v = self.get_ok(&format!("/api/v2/ports?from={from}&to={to}"));
@@ -265,6 +280,15 @@ impl Drop for Daemon {
             eprintln!("daemon log kept at {}", self.log.display());
         }
     }
+}
+
+/// What the daemon says of a band of ports (see [`Daemon::answers`]).
+#[derive(Debug)]
+pub struct Answers {
+    pub tcp: std::collections::BTreeSet<u16>,
+    pub udp: std::collections::BTreeSet<u16>,
+    pub tcp_certain: bool,
+    pub udp_certain: bool,
 }
 
 /// Waits for an SSE event of `kind` about `port`, reading lines from `rx`.

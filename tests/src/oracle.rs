@@ -47,7 +47,21 @@ pub struct Verdict {
     pub false_free: Vec<(&'static str, u16)>,
     /// Reported taken though the kernel would allow it (the goal is none).
     pub false_busy: Vec<(&'static str, u16)>,
+    /// Taken by the kernel's word, not listed by the daemon, but inside a
+    /// blind spot it declares (answered unsure, never free and certain).
+    pub unsure_taken: Vec<(&'static str, u16)>,
     pub taken: usize,
+}
+
+/// Like [`judge`], with what the daemon vouches for: a port it does not list
+/// counts as answered free only where it is certain for that protocol.
+pub fn judge_answers(ports: std::ops::RangeInclusive<u16>, a: &crate::Answers) -> Verdict {
+    let mut v = judge(ports, &a.tcp, &a.udp);
+    let certain = |proto: &str| if proto == "tcp" { a.tcp_certain } else { a.udp_certain };
+    let (unsure, sure): (Vec<_>, Vec<_>) = v.false_free.into_iter().partition(|(proto, _)| !certain(proto));
+    v.false_free = sure;
+    v.unsure_taken = unsure;
+    v
 }
 
 pub fn judge(

@@ -218,6 +218,25 @@ impl Workload {
         ok
     }
 
+    /// Binds `n` TCP sockets to fixed ports and never listens on them (the
+    /// kind sock_diag lists only from Linux 6.5). The caller holds them: the
+    /// workload's random closes never touch them.
+    pub fn bound_only(&mut self, n: usize) -> Vec<(Socket, u16)> {
+        let mut held = Vec::new();
+        while held.len() < n {
+            let v6 = self.rng.random_bool(0.4);
+            let Some(s) = self.new_socket(true, v6) else { continue };
+            // Without SO_REUSEADDR: such a socket blocks every listener.
+            let _ = s.set_reuse_address(false);
+            let port = self.fixed_port();
+            if s.bind(&wildcard(v6, port).into()).is_ok() {
+                self.count("bind_only_tcp");
+                held.push((s, port));
+            }
+        }
+        held
+    }
+
     pub fn close_all(&mut self) {
         self.held.clear();
     }

@@ -202,7 +202,15 @@ fn binds_in_another_namespace_never_appear() {
         let (tcp, udp) = d.taken(20000, 20999);
         assert_eq!(tcp.into_iter().collect::<Vec<_>>(), vec![20300], "only this namespace's port");
         assert!(udp.is_empty());
-        assert_eq!(d.metric("polarstack_ports_foreign_netns_events_total"), 0.0, "the kernel filters namespaces");
+        assert_eq!(
+            d.metric("polarstack_ports_foreign_netns_events_total{where=\"daemon\"}"),
+            0.0,
+            "the kernel filters namespaces: none reach the daemon"
+        );
+        assert!(
+            d.metric("polarstack_ports_foreign_netns_events_total{where=\"kernel\"}") >= 100.0,
+            "the other namespace's binds were seen and dropped in the kernel"
+        );
         tx.send(()).ok();
         other.join().expect("other namespace thread");
         drop(mine);

@@ -1,32 +1,60 @@
 //! The contract between the eBPF programs and the daemon: the event record
-//! written to the ring buffer, the per-socket record kept in the kernel, and
-//! the names of the maps and programs. Both sides compile this crate, so a
-//! layout change cannot leave one side behind.
+//! written to the ring buffer, the per-socket record kept in the kernel, the
+//! names of maps, programs and globals, and the feature bits the loader sets.
+//! Both sides compile this crate, so a layout change cannot leave one side
+//! behind.
 #![no_std]
 
 /// Ring buffer of [`PortEvent`]s.
 pub const MAP_EVENTS: &str = "EVENTS";
-/// LRU hash: socket cookie -> [`TrackedSocket`]; lets `sock_release` (whose
-/// context carries no port) say which port a closing socket held.
+/// Hash: socket cookie -> [`TrackedSocket`], for every socket of the watched
+/// namespace whose close frees its port at once (bound, listening, UDP). It
+/// lets `sock_release` (whose context carries no port) name the port, and it
+/// is the kernel's own record of bound TCP sockets on kernels whose sock_diag
+/// cannot list them (before 6.5). Not an LRU: an entry leaves only when its
+/// socket is released, so absence means released; a full map is counted
+/// ([`COUNTER_TRACK_FULL`]) and flagged on the event ([`FLAG_UNTRACKED`]).
 pub const MAP_TRACKED: &str = "TRACKED";
-/// Per-CPU counter of events dropped because the ring buffer was full.
-pub const MAP_LOST: &str = "LOST";
-/// Array of settings written by the daemon before attaching (see `CONFIG_*`).
+/// Per-CPU counters, indexed by `COUNTER_*`.
+pub const MAP_COUNTERS: &str = "COUNTERS";
+/// Array of settings shared with the daemon, indexed by `CONFIG_*`.
 pub const MAP_CONFIG: &str = "CONFIG";
 /// LRU hash: socket cookie -> SO_REUSEADDR as seen just before bind(), for
 /// post_bind (which cannot call bpf_getsockopt) to report.
 pub const MAP_REUSE: &str = "REUSE";
 
-/// `CONFIG[CONFIG_NETNS_COOKIE]`: only sockets of this network namespace are
-/// reported (0 reports every namespace).
+/// `CONFIG[CONFIG_NETNS_COOKIE]`: the cookie of the watched network
+/// namespace. The kernel side learns it (see [`CONFIG_PROBE_COOKIE`]); until
+/// then it is 0 and nothing is reported, so no event of another namespace
+/// can slip through while the filter is being set up.
 pub const CONFIG_NETNS_COOKIE: u32 = 0;
-pub const CONFIG_LEN: u32 = 1;
+/// `CONFIG[CONFIG_PROBE_COOKIE]`: the socket cookie of a probe socket the
+/// daemon binds in its own namespace right after attaching. The first hook
+/// that sees that socket (and can read namespace cookies) stores its
+/// namespace's cookie in [`CONFIG_NETNS_COOKIE`]. This works on every kernel
+/// where the hooks can read namespace cookies (5.7+), unlike
+/// getsockopt(SO_NETNS_COOKIE), which needs 5.14.
+pub const CONFIG_PROBE_COOKIE: u32 = 1;
+pub const CONFIG_LEN: u32 = 2;
+
+/// Events the ring buffer had no room for (each forces a resync).
+pub const COUNTER_RING_FULL: u32 = 0;
+/// Sockets that could not be entered in `TRACKED` (map full): their close
+/// will not be reported.
+pub const COUNTER_TRACK_FULL: u32 = 1;
+/// Events of other network namespaces dropped in the kernel.
+pub const COUNTER_FOREIGN: u32 = 2;
+/// Events whose namespace the hook could not tell (sock_ops before 5.15):
+/// sent with [`FLAG_NETNS_UNKNOWN`] for the daemon to check with a dump.
+pub const COUNTER_NETNS_UNKNOWN: u32 = 3;
+pub const COUNTERS_LEN: u32 = 4;
 
 /// Default ring buffer size; the daemon may override it at load time.
 pub const DEFAULT_RING_BYTES: u32 = 256 * 1024;
-/// Sockets remembered for release correlation; the LRU evicts the oldest,
-/// which only delays (never loses) that socket's removal until a resync.
+/// Default capacity of `TRACKED` (the daemon may override it at load time).
 pub const TRACKED_MAX_ENTRIES: u32 = 65536;
+/// Capacity of `REUSE`: an entry lives from a bind attempt to its post_bind.
+pub const REUSE_MAX_ENTRIES: u32 = 16384;
 
 /// Program names, as the daemon looks them up in the object.
 pub const PROG_BIND4: &str = "bind4";
@@ -35,7 +63,23 @@ pub const PROG_POST_BIND4: &str = "post_bind4";
 pub const PROG_POST_BIND6: &str = "post_bind6";
 pub const PROG_SOCK_RELEASE: &str = "sock_release";
 pub const PROG_SOCK_OPS: &str = "sock_ops";
-pub const PROG_SET_STATE: &str = "inet_sock_set_state";
+
+/// Globals (read-only data) the loader sets before the programs are
+/// verified: which optional helpers each program may call on the running
+/// kernel, as `FEAT_*` bits. The verifier sees them as constants and never
+/// checks the code behind a cleared bit, so one object loads on every kernel.
+pub const GLOBAL_FEAT_BIND: &str = "FEAT_BIND";
+pub const GLOBAL_FEAT_POST_BIND: &str = "FEAT_POST_BIND";
+pub const GLOBAL_FEAT_SOCK_OPS: &str = "FEAT_SOCK_OPS";
+
+/// bpf_get_current_pid_tgid: the owner's pid.
+pub const FEAT_PID: u32 = 1;
+/// bpf_get_current_comm: the owner's command name.
+pub const FEAT_COMM: u32 = 2;
+/// bpf_get_current_cgroup_id: the owner's cgroup (its container).
+pub const FEAT_CGROUP: u32 = 4;
+/// bpf_get_netns_cookie: the socket's network namespace.
+pub const FEAT_NETNS: u32 = 8;
 
 /// What happened to a socket. Values are stable: they cross the ring buffer.
 #[repr(u8)]
@@ -50,9 +94,9 @@ pub enum EventKind {
     Listen = 3,
     /// connect() assigned a local port (sock_ops TCP_CONNECT_CB).
     Connect = 4,
-    /// TCP state change into or out of LISTEN (tracepoint
-    /// sock/inet_sock_set_state). Carries no cookie or netns.
-    State = 5,
+    /// A listener left LISTEN without being released (close, shutdown):
+    /// sock_ops STATE_CB, which the Listen hook enables on each listener.
+    Unlisten = 5,
 }
 
 impl EventKind {
@@ -62,11 +106,18 @@ impl EventKind {
             2 => Self::Release,
             3 => Self::Listen,
             4 => Self::Connect,
-            5 => Self::State,
+            5 => Self::Unlisten,
             _ => return None,
         })
     }
 }
+
+/// [`PortEvent::flags`]: the socket could not be entered in `TRACKED`, so
+/// its release will not be reported.
+pub const FLAG_UNTRACKED: u8 = 1;
+/// [`PortEvent::flags`]: the hook could not tell the socket's namespace;
+/// the daemon must check the socket is its own before using the event.
+pub const FLAG_NETNS_UNKNOWN: u8 = 2;
 
 /// One ring-buffer record (80 bytes, no implicit padding).
 #[repr(C)]
@@ -78,9 +129,9 @@ pub struct PortEvent {
     pub sock_cookie: u64,
     /// Network namespace cookie; 0 when the hook cannot tell.
     pub netns_cookie: u64,
-    /// cgroup v2 id of the task that caused the event (0 in softirq context).
+    /// cgroup v2 id of the task that caused the event (0 when unknown).
     pub cgroup_id: u64,
-    /// tgid of the current task; 0 when there is none.
+    /// tgid of the current task; 0 when unknown.
     pub pid: u32,
     /// Local port, host byte order.
     pub port: u16,
@@ -89,16 +140,15 @@ pub struct PortEvent {
     pub family: u8,
     /// IPPROTO_TCP (6) or IPPROTO_UDP (17).
     pub proto: u8,
-    /// Kernel TCP states (TCP_ESTABLISHED = 1 ... ) for `State` events.
-    pub old_state: u8,
-    pub new_state: u8,
+    /// `FLAG_*` bits.
+    pub flags: u8,
     /// SO_REUSEADDR of the socket: one of `REUSE_*`. A socket with it set
     /// that is not listening does not stop a SO_REUSEADDR listener.
     pub reuse: u8,
-    pub _pad: [u8; 4],
+    pub _pad: [u8; 5],
     /// Local address, network byte order; IPv4 in the first 4 bytes.
     pub addr: [u8; 16],
-    /// Task command name, NUL padded.
+    /// Task command name, NUL padded; empty when unknown.
     pub comm: [u8; 16],
 }
 
@@ -113,10 +163,9 @@ impl PortEvent {
         kind: 0,
         family: 0,
         proto: 0,
-        old_state: 0,
-        new_state: 0,
+        flags: 0,
         reuse: REUSE_UNKNOWN,
-        _pad: [0; 4],
+        _pad: [0; 5],
         addr: [0; 16],
         comm: [0; 16],
     };
@@ -125,7 +174,8 @@ impl PortEvent {
 const _: () = assert!(core::mem::size_of::<PortEvent>() == 80);
 
 /// What the kernel remembers about a socket that holds a port, keyed by its
-/// cookie, so that its release can name the port.
+/// cookie, so that its release can name the port and so that the daemon can
+/// recover bound sockets whose events were lost.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrackedSocket {
@@ -133,9 +183,11 @@ pub struct TrackedSocket {
     pub family: u8,
     pub proto: u8,
     pub _pad: [u8; 4],
+    /// Local address, network byte order; IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
 }
 
-const _: () = assert!(core::mem::size_of::<TrackedSocket>() == 8);
+const _: () = assert!(core::mem::size_of::<TrackedSocket>() == 24);
 
 pub const REUSE_UNKNOWN: u8 = 0;
 pub const REUSE_OFF: u8 = 1;
@@ -153,5 +205,6 @@ mod user {
     // and have no implicit padding (sizes asserted above), so every bit pattern
     // is valid and they may be copied to and from kernel maps as plain bytes.
     unsafe impl aya::Pod for super::PortEvent {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::TrackedSocket {}
 }

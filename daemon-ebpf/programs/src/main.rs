@@ -1,58 +1,135 @@
-//! The kernel half of the port map: hooks that report every way a socket comes
-//! to hold or give up a local port, written to one ring buffer.
+//! The kernel half of the port map: hooks that report every way a socket of
+//! the watched network namespace comes to hold or give up a local port,
+//! written to one ring buffer.
 //!
 //! - cgroup bind4/6 (before the bind) note the socket's SO_REUSEADDR, which
 //!   decides whether a bound socket blocks a PostgreSQL-style listener;
 //!   post_bind4/6 then report the explicit, successful bind().
 //! - sock_ops TCP_LISTEN_CB / TCP_CONNECT_CB: listen() and connect(), which
-//!   may pick a port themselves (autobind) without any bind() call.
+//!   may pick a port themselves (autobind) without any bind() call. On each
+//!   listener the Listen hook switches on sock_ops' state callback, so a
+//!   listener that stops listening without a release (shutdown()) is
+//!   reported too; accepted connections have it switched off again.
 //! - cgroup sock_release: the owner closes a bound or listening socket. Its
 //!   context has no port, so those sockets are remembered in `TRACKED` (by
 //!   cookie). Connected sockets are not: their close leaves the port held
 //!   (FIN_WAIT, TIME_WAIT) and only the daemon's periodic dump sees it end.
-//! - tracepoint sock/inet_sock_set_state: TCP sockets entering or leaving
-//!   LISTEN (also for sockets that predate the daemon).
+//!
+//! Kernels differ in which helpers each program type may call (the task
+//! helpers in sock_ops, namespace cookies before 5.15, ...). The loader
+//! probes the running kernel and sets the `FEAT_*` globals; code behind a
+//! cleared bit is dead to the verifier, so one object loads everywhere and a
+//! missing helper costs a field (the owner), not the hook.
+//!
+//! Events of other network namespaces never enter the ring buffer: every hook
+//! filters on the namespace cookie the kernel side learned from the daemon's
+//! probe socket (see `CONFIG_PROBE_COOKIE`). Where a hook cannot read
+//! namespace cookies, the event is flagged and the daemon checks it.
 //!
 //! The daemon trusts events that add a port and treats the others as hints:
-//! a port leaves its map only after a sock_diag dump confirms it is gone, so a
-//! lost or reordered event can make a port look busy for a while, never free.
+//! a port leaves its map only after a sock_diag dump (or, where dumps are
+//! blind, the socket's release) confirms it is gone, so a lost or reordered
+//! event can make a port look busy for a while, never free.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB},
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
+    },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
         bpf_get_socket_cookie, bpf_getsockopt, bpf_ktime_get_ns,
     },
-    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops, tracepoint},
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
-    programs::{SockAddrContext, SockContext, SockOpsContext, TracePointContext},
-    EbpfContext,
+    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
+    EbpfContext, Global,
 };
-use aya_log_ebpf::debug;
 use polarstack_ebpf_common::{
-    EventKind, PortEvent, TrackedSocket, AF_INET, AF_INET6, CONFIG_LEN, CONFIG_NETNS_COOKIE, DEFAULT_RING_BYTES,
-    IPPROTO_TCP, REUSE_OFF, REUSE_ON, REUSE_UNKNOWN, TCP_LISTEN, TRACKED_MAX_ENTRIES,
+    EventKind, PortEvent, TrackedSocket, AF_INET, AF_INET6, CONFIG_LEN, CONFIG_NETNS_COOKIE, CONFIG_PROBE_COOKIE,
+    COUNTERS_LEN, COUNTER_FOREIGN, COUNTER_NETNS_UNKNOWN, COUNTER_RING_FULL, COUNTER_TRACK_FULL, DEFAULT_RING_BYTES,
+    FEAT_CGROUP, FEAT_COMM, FEAT_NETNS, FEAT_PID, FLAG_NETNS_UNKNOWN, FLAG_UNTRACKED, IPPROTO_TCP, REUSE_MAX_ENTRIES,
+    REUSE_OFF, REUSE_ON, REUSE_UNKNOWN, TCP_LISTEN, TRACKED_MAX_ENTRIES,
 };
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
+// No preallocation: the map is sized for the worst case, and most hosts hold
+// a few hundred bound sockets.
 #[map]
-static TRACKED: LruHashMap<u64, TrackedSocket> = LruHashMap::with_max_entries(TRACKED_MAX_ENTRIES, 0);
+static TRACKED: HashMap<u64, TrackedSocket> = HashMap::with_max_entries(TRACKED_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map]
-static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
 
 #[map]
 static CONFIG: Array<u64> = Array::with_max_entries(CONFIG_LEN, 0);
 
 #[map]
-static REUSE: LruHashMap<u64, u8> = LruHashMap::with_max_entries(TRACKED_MAX_ENTRIES, 0);
+static REUSE: LruHashMap<u64, u8> = LruHashMap::with_max_entries(REUSE_MAX_ENTRIES, 0);
+
+/// Optional helpers per hook (`FEAT_*` bits), set by the loader from probes
+/// of the running kernel.
+#[unsafe(no_mangle)]
+static FEAT_BIND: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FEAT_POST_BIND: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FEAT_SOCK_OPS: Global<u32> = Global::new(0);
 
 const SOL_SOCKET: i32 = 1;
 const SO_REUSEADDR: i32 = 2;
+
+#[inline(always)]
+fn count(counter: u32) {
+    if let Some(n) = COUNTERS.get_ptr_mut(counter) {
+        // SAFETY: a per-CPU slot; programs do not migrate CPUs while running.
+        unsafe { *n += 1 };
+    }
+}
+
+/// Whose namespace a socket is in.
+enum Netns {
+    /// The watched one (its cookie).
+    Watched(u64),
+    /// Another one, or the watched one is not known yet: drop the event.
+    Other,
+    /// This hook cannot read namespace cookies on the running kernel.
+    Unknown,
+}
+
+/// The socket's namespace as seen through `ctx`, learning the watched
+/// namespace's cookie from the daemon's probe socket while it is unknown.
+#[inline(always)]
+fn netns_of<C: EbpfContext>(ctx: &C, feat: u32, sock_cookie: u64) -> Netns {
+    if feat & FEAT_NETNS == 0 {
+        return Netns::Unknown;
+    }
+    // SAFETY: ctx is the program's own context, valid for the helper.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(want) = CONFIG.get_ptr_mut(CONFIG_NETNS_COOKIE) else {
+        return Netns::Other;
+    };
+    // SAFETY: an array slot, valid for the life of the map.
+    let known = unsafe { *want };
+    if known == 0 {
+        let probe = CONFIG.get(CONFIG_PROBE_COOKIE).copied().unwrap_or(0);
+        if probe != 0 && probe == sock_cookie {
+            // SAFETY: as above; only the probe socket ever writes here.
+            unsafe { *want = cookie };
+            return Netns::Watched(cookie);
+        }
+        return Netns::Other;
+    }
+    if known == cookie {
+        Netns::Watched(cookie)
+    } else {
+        Netns::Other
+    }
+}
 
 /// SO_REUSEADDR of the socket behind `ctx`, for program types that may call
 /// bpf_getsockopt (sock_ops, and cgroup bind4/6).
@@ -68,13 +145,52 @@ fn reuse_of<C: EbpfContext>(ctx: &C) -> u8 {
     }
 }
 
+/// Fills the task fields the running kernel lets this hook read.
+#[inline(always)]
+fn with_task(mut e: PortEvent, feat: u32) -> PortEvent {
+    // SAFETY: plain helper calls without pointer arguments.
+    e.ts_ns = unsafe { bpf_ktime_get_ns() };
+    if feat & FEAT_PID != 0 {
+        e.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    }
+    if feat & FEAT_CGROUP != 0 {
+        // SAFETY: plain helper call without arguments.
+        e.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    }
+    if feat & FEAT_COMM != 0 {
+        if let Ok(comm) = bpf_get_current_comm() {
+            e.comm = comm;
+        }
+    }
+    e
+}
+
+#[inline(always)]
+fn submit(e: &PortEvent) {
+    if EVENTS.output::<PortEvent>(e, 0).is_err() {
+        // The daemon reads this counter and resyncs from sock_diag at once.
+        count(COUNTER_RING_FULL);
+    }
+}
+
+/// Remembers a port-holding socket so its release can be reported; flags the
+/// event when the map is full.
+#[inline(always)]
+fn track(e: &mut PortEvent) {
+    let t = TrackedSocket { port: e.port, family: e.family, proto: e.proto, _pad: [0; 4], addr: e.addr };
+    if TRACKED.insert(e.sock_cookie, t, 0).is_err() {
+        e.flags |= FLAG_UNTRACKED;
+        count(COUNTER_TRACK_FULL);
+    }
+}
+
 /// Before a bind: remember SO_REUSEADDR for post_bind, which cannot ask.
 #[inline(always)]
 fn pre_bind(ctx: &SockAddrContext) -> i32 {
-    let (watched, _) = in_watched_netns(ctx);
-    if watched {
-        // SAFETY: ctx is valid for the helper.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let feat = FEAT_BIND.load();
+    // SAFETY: ctx is valid for the helper.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if !matches!(netns_of(ctx, feat, cookie), Netns::Other) {
         let _ = REUSE.insert(cookie, reuse_of(ctx), 0);
     }
     1 // allow: we observe, never enforce
@@ -90,67 +206,35 @@ pub fn bind6(ctx: SockAddrContext) -> i32 {
     pre_bind(&ctx)
 }
 
-/// True when the socket behind `ctx` belongs to the namespace the daemon
-/// watches (or when no namespace was configured).
-#[inline(always)]
-fn in_watched_netns<C: EbpfContext>(ctx: &C) -> (bool, u64) {
-    // SAFETY: ctx is the program's own context, valid for the helper.
-    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let want = CONFIG.get(CONFIG_NETNS_COOKIE).copied().unwrap_or(0);
-    (want == 0 || want == cookie, cookie)
-}
-
-/// Fills the task fields (pid, comm, cgroup) from the current task.
-#[inline(always)]
-fn with_task(mut e: PortEvent) -> PortEvent {
-    e.ts_ns = unsafe { bpf_ktime_get_ns() };
-    e.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: plain helper call without arguments.
-    e.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    if let Ok(comm) = bpf_get_current_comm() {
-        e.comm = comm;
-    }
-    e
-}
-
-#[inline(always)]
-fn submit(e: &PortEvent) {
-    if EVENTS.output::<PortEvent>(e, 0).is_err() {
-        // The daemon reads this counter and resyncs from sock_diag at once.
-        if let Some(n) = LOST.get_ptr_mut(0) {
-            // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-            unsafe { *n += 1 };
-        }
-    }
-}
-
-/// Remembers a port-holding socket so its release can be reported.
-#[inline(always)]
-fn track<C: EbpfContext>(ctx: &C, e: &PortEvent) {
-    let t = TrackedSocket { port: e.port, family: e.family, proto: e.proto, _pad: [0; 4] };
-    if let Err(err) = TRACKED.insert(e.sock_cookie, t, 0) {
-        debug!(ctx, "TRACKED insert failed: {}", err);
-    }
-}
-
 #[inline(always)]
 fn post_bind<const V6: bool>(ctx: &SockContext) -> i32 {
-    let (watched, netns) = in_watched_netns(ctx);
-    if !watched {
-        return 1;
-    }
-    // SAFETY: the kernel passes a valid bpf_sock for cgroup_sock programs.
-    let sk = unsafe { &*ctx.sock };
+    let feat = FEAT_POST_BIND.load();
     let mut e = PortEvent::ZERO;
-    e.kind = EventKind::Bind as u8;
-    e.netns_cookie = netns;
     // SAFETY: ctx is valid for the helper.
     e.sock_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let watched = match netns_of(ctx, feat, e.sock_cookie) {
+        Netns::Watched(ns) => {
+            e.netns_cookie = ns;
+            true
+        }
+        Netns::Other => {
+            count(COUNTER_FOREIGN);
+            return 1;
+        }
+        Netns::Unknown => {
+            e.flags |= FLAG_NETNS_UNKNOWN;
+            count(COUNTER_NETNS_UNKNOWN);
+            false
+        }
+    };
+    e.kind = EventKind::Bind as u8;
     // SAFETY: the value is copied out before the entry is removed.
     if let Some(r) = unsafe { REUSE.get(&e.sock_cookie) } {
         e.reuse = *r;
     }
     let _ = REUSE.remove(&e.sock_cookie);
+    // SAFETY: the kernel passes a valid bpf_sock for cgroup_sock programs.
+    let sk = unsafe { &*ctx.sock };
     e.port = sk.src_port as u16; // host byte order in bpf_sock
     e.family = sk.family as u8;
     e.proto = sk.protocol as u8;
@@ -164,8 +248,12 @@ fn post_bind<const V6: bool>(ctx: &SockContext) -> i32 {
     } else {
         e.addr[..4].copy_from_slice(&sk.src_ip4.to_ne_bytes());
     }
-    let e = with_task(e);
-    track(ctx, &e);
+    let mut e = with_task(e, feat);
+    // Only sockets known to be the watched namespace's go in TRACKED, so
+    // every release it reports is one of ours.
+    if watched {
+        track(&mut e);
+    }
     submit(&e);
     1 // allow the bind: we observe, never enforce
 }
@@ -189,103 +277,91 @@ pub fn sock_release(ctx: SockContext) -> i32 {
         return 1; // never held a port we reported: nothing to say
     };
     let _ = TRACKED.remove(&cookie);
-    let (watched, netns) = in_watched_netns(&ctx);
-    if !watched {
-        return 1;
-    }
     let mut e = PortEvent::ZERO;
     e.kind = EventKind::Release as u8;
-    e.netns_cookie = netns;
     e.sock_cookie = cookie;
     e.port = t.port;
     e.family = t.family;
     e.proto = t.proto;
-    submit(&with_task(e));
+    e.addr = t.addr;
+    // SAFETY: plain helper call without arguments.
+    e.ts_ns = unsafe { bpf_ktime_get_ns() };
+    submit(&e);
     1
 }
 
 #[sock_ops]
 pub fn sock_ops(ctx: SockOpsContext) -> u32 {
-    let op = ctx.op();
-    let kind = match op {
+    let kind = match ctx.op() {
         BPF_SOCK_OPS_TCP_LISTEN_CB => EventKind::Listen,
         BPF_SOCK_OPS_TCP_CONNECT_CB => EventKind::Connect,
+        // Only listeners have the state callback on (see below), and only
+        // their leaving LISTEN can free a port.
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(0) == TCP_LISTEN as u32 => EventKind::Unlisten,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            // An accepted connection is cloned from its listener, callbacks
+            // included: its state changes cannot free a port, so stop them.
+            let flags = ctx.cb_flags();
+            if flags & BPF_SOCK_OPS_STATE_CB_FLAG != 0 {
+                let _ = ctx.set_cb_flags((flags & !BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            }
+            return 1;
+        }
         _ => return 1,
     };
-    let (watched, netns) = in_watched_netns(&ctx);
-    if !watched {
-        return 1;
-    }
+    let feat = FEAT_SOCK_OPS.load();
     let mut e = PortEvent::ZERO;
     e.kind = kind as u8;
-    e.netns_cookie = netns;
     // SAFETY: ctx is valid for the helper.
     e.sock_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     e.port = ctx.local_port() as u16; // host byte order in bpf_sock_ops
     e.family = ctx.family() as u8;
     e.proto = IPPROTO_TCP;
-    e.reuse = reuse_of(&ctx);
     if e.family == AF_INET {
         e.addr[..4].copy_from_slice(&ctx.local_ip4().to_ne_bytes());
     } else if e.family == AF_INET6 {
-        let a = ctx.local_ip6();
-        for (i, w) in a.iter().enumerate() {
+        for i in 0..4 {
+            // One 4-byte load per word: the verifier refuses the 8-byte
+            // loads LLVM would merge a copy of the array into.
+            // SAFETY: ctx.ops is the kernel's bpf_sock_ops, valid for reads.
+            let w = unsafe { core::ptr::read_volatile(&(*ctx.ops).local_ip6[i]) };
             e.addr[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
         }
     }
-    let e = with_task(e);
-    if kind == EventKind::Listen {
-        track(&ctx, &e);
+    if kind == EventKind::Unlisten {
+        // The callback was switched on by the Listen branch for watched
+        // sockets only: no namespace check needed.
+        // SAFETY: plain helper call without arguments.
+        e.ts_ns = unsafe { bpf_ktime_get_ns() };
+        submit(&e);
+        return 1;
+    }
+    let watched = match netns_of(&ctx, feat, e.sock_cookie) {
+        Netns::Watched(ns) => {
+            e.netns_cookie = ns;
+            true
+        }
+        Netns::Other => {
+            count(COUNTER_FOREIGN);
+            return 1;
+        }
+        // A socket post_bind entered in TRACKED is the watched namespace's;
+        // any other the daemon must check with a dump.
+        Netns::Unknown if TRACKED.get_ptr(e.sock_cookie).is_some() => true,
+        Netns::Unknown => {
+            e.flags |= FLAG_NETNS_UNKNOWN;
+            count(COUNTER_NETNS_UNKNOWN);
+            false
+        }
+    };
+    e.reuse = reuse_of(&ctx);
+    let mut e = with_task(e, feat);
+    if kind == EventKind::Listen && watched {
+        track(&mut e);
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     }
     submit(&e);
     1
-}
-
-// Field offsets from /sys/kernel/tracing/events/sock/inet_sock_set_state/format,
-// a stable tracepoint ABI.
-const TP_OLDSTATE: usize = 16;
-const TP_NEWSTATE: usize = 20;
-const TP_SPORT: usize = 24;
-const TP_FAMILY: usize = 28;
-const TP_PROTOCOL: usize = 30;
-const TP_SADDR: usize = 32;
-const TP_SADDR_V6: usize = 40;
-
-#[tracepoint(category = "sock", name = "inet_sock_set_state")]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    // SAFETY: offsets and sizes match the tracepoint's published format.
-    unsafe {
-        let (Ok(old), Ok(new), Ok(proto)) =
-            (ctx.read_at::<i32>(TP_OLDSTATE), ctx.read_at::<i32>(TP_NEWSTATE), ctx.read_at::<u16>(TP_PROTOCOL))
-        else {
-            return 0;
-        };
-        let (old, new) = (old as u8, new as u8);
-        if proto != IPPROTO_TCP as u16 || !(old == TCP_LISTEN || new == TCP_LISTEN) {
-            return 0;
-        }
-        let mut e = PortEvent::ZERO;
-        e.kind = EventKind::State as u8;
-        e.old_state = old;
-        e.new_state = new;
-        e.proto = IPPROTO_TCP;
-        e.port = ctx.read_at::<u16>(TP_SPORT).unwrap_or(0);
-        e.family = ctx.read_at::<u16>(TP_FAMILY).unwrap_or(0) as u8;
-        // Separate reads per family: a merged memcpy becomes a modified ctx
-        // pointer, which the verifier rejects.
-        if e.family == AF_INET {
-            if let Ok(a) = ctx.read_at::<[u8; 4]>(TP_SADDR) {
-                e.addr[..4].copy_from_slice(&a);
-            }
-        } else if let Ok(a) = ctx.read_at::<[u8; 16]>(TP_SADDR_V6) {
-            e.addr = a;
-        }
-        e.ts_ns = bpf_ktime_get_ns();
-        // State changes often run in softirq context: no meaningful task, so
-        // pid/comm/cgroup stay 0 and the daemon keeps what bind/listen said.
-        submit(&e);
-    }
-    0
 }
 
 #[cfg(not(test))]

@@ -133,9 +133,16 @@ fn entries<'a>(ports: &Ports, sockets: impl Iterator<Item = &'a Socket>) -> Vec<
         .collect()
 }
 
+/// `complete`: nothing transient (start-up, lost events) keeps the map from
+/// being whole; `certain`, per protocol: a port of that protocol the map does
+/// not list is free (complete, and no blind spot of this kernel could hide
+/// a socket of that protocol).
 fn status_json(table: &PortTable) -> serde_json::Value {
+    let complete = table.status.certain();
+    let certain = |p: Proto| complete && table.status.blind_spot_for(p).is_none();
     json!({
-        "complete": table.status.certain(),
+        "complete": complete,
+        "certain": {"tcp": certain(Proto::Tcp), "udp": certain(Proto::Udp)},
         "status": table.status,
     })
 }
@@ -179,19 +186,28 @@ async fn one(
     let found: Vec<&Socket> = protos.iter().flat_map(|p| table.map.sockets_on((*p, port))).collect();
     let host_ports = host_ports_on(&st, &protos, port);
     let taken = protos.iter().any(|p| table.map.is_taken((*p, port))) || !host_ports.is_empty();
-    let certain = table.status.certain() && host_ports_known(&st);
+    let complete = table.status.certain() && host_ports_known(&st);
+    // A port held by a socket whose release cannot be observed may be free
+    // by now; a port no known socket holds may hide in a blind spot.
+    let unverifiable = protos.iter().any(|p| table.status.unverifiable.contains(&(*p, port)));
+    let blind = protos.iter().find_map(|p| table.status.blind_spot_for(*p)).filter(|_| !taken);
+    let certain = complete && !unverifiable && blind.is_none();
     let mut body = json!({
         "port": port,
-        // Never say free when unsure: while resyncing, absent means busy.
+        // Never say free when unsure: absent but uncertain reads busy.
         "taken": taken || !certain,
         "certain": certain,
         "entries": entries(&st.ports, found.into_iter()),
         "host_ports": host_ports,
     });
-    if !certain {
+    if !complete {
         body["reason"] = json!(
             "the port map is not complete yet (starting, resyncing after lost events, or this node's pods not listed yet)"
         );
+    } else if let Some(b) = blind {
+        body["reason"] = json!(b.reason());
+    } else if unverifiable {
+        body["reason"] = json!("held by a bound socket whose close this kernel cannot report (tracking table full)");
     }
     Ok(Json(body).into_response())
 }
@@ -267,7 +283,14 @@ async fn free(State(st): State<AppState>, RawQuery(q): RawQuery) -> Result<Respo
         .filter(|p| protos.iter().all(|proto| !table.map.is_taken((*proto, *p)) && !host.contains(*proto, *p)))
         .take(count)
         .collect();
-    Ok(Json(json!({ "from": from, "to": to, "ports": free })).into_response())
+    // A blind spot of this kernel (not a transient state) leaves the answer
+    // useful but not a promise: say so rather than refuse for ever.
+    let mut body = json!({ "from": from, "to": to, "ports": free, "certain": true });
+    if let Some(b) = protos.iter().find_map(|p| table.status.blind_spot_for(*p)) {
+        body["certain"] = json!(false);
+        body["reason"] = json!(b.reason());
+    }
+    Ok(Json(body).into_response())
 }
 
 async fn watch(

@@ -16,9 +16,9 @@ use std::{
     time::SystemTime,
 };
 
-use polarstack_ebpf_common::{EventKind, TrackedSocket, TCP_LISTEN};
+use polarstack_ebpf_common::{EventKind, TrackedSocket};
 
-use super::model::{Family, Owner, Proto, SockState, Socket, Source};
+use super::model::{addr_from_bytes, addr_to_bytes, Family, Owner, Proto, SockState, Socket, Source};
 
 /// A port of one protocol: the unit of "taken".
 pub type PortKey = (Proto, u16);
@@ -35,8 +35,12 @@ pub struct Event {
     pub addr: IpAddr,
     pub port: u16,
     pub owner: Option<Owner>,
-    pub old_state: u8,
-    pub new_state: u8,
+    /// The kernel could not enter the socket in its tracking table: its
+    /// release will not be reported.
+    pub untracked: bool,
+    /// The hook could not tell the socket's namespace: only a dump (which
+    /// sees this namespace alone) may add it.
+    pub netns_unknown: bool,
     pub reuse: Option<bool>,
 }
 
@@ -73,6 +77,10 @@ impl Tables {
 
     pub fn union(self, other: Tables) -> Tables {
         Tables(self.0 | other.0)
+    }
+
+    pub fn intersection(self, other: Tables) -> Tables {
+        Tables(self.0 & other.0)
     }
 
     pub fn contains(self, other: Tables) -> bool {
@@ -155,10 +163,13 @@ pub struct MergeStats {
     /// Sockets the dump showed that the map did not have.
     pub added: Vec<u64>,
     /// Sockets removed because the dump no longer showed them.
-    pub removed: usize,
+    pub removed: Vec<u64>,
+    /// Those of them the kernel may still track (bound, listening, UDP):
+    /// their entries can go.
+    pub untrack: Vec<u64>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PortMap {
     sockets: HashMap<u64, Socket>,
     /// Every socket holding each port.
@@ -166,11 +177,38 @@ pub struct PortMap {
     /// How many of them make the port taken ([`Socket::blocks`]); a port is
     /// taken exactly when it has an entry here.
     blocking: BTreeMap<PortKey, usize>,
+    /// The tables sock_diag can list on this kernel: a dump proves a socket
+    /// gone only from these (before 6.5 it cannot list bound TCP sockets).
+    visible: Tables,
+}
+
+impl Default for PortMap {
+    fn default() -> Self {
+        Self::new(Tables::ALL)
+    }
 }
 
 impl PortMap {
-    pub fn new() -> Self {
-        Self::default()
+    /// An empty map for a kernel whose dumps can list `visible`.
+    pub fn new(visible: Tables) -> Self {
+        Self { sockets: HashMap::new(), by_port: BTreeMap::new(), blocking: BTreeMap::new(), visible }
+    }
+
+    /// Bound TCP sockets whose release the kernel cannot report (its
+    /// tracking table was full) on a kernel whose dumps cannot show them
+    /// either: they stay in the map until a dump shows them in another
+    /// state, so their ports may read taken after they are free.
+    pub fn unverifiable(&self) -> impl Iterator<Item = &Socket> + '_ {
+        self.sockets.values().filter(|s| s.untracked && !self.visible.contains(Tables::of(s.proto, s.state)))
+    }
+
+    /// Whether a dump of `scope` that missed `s` proves it gone: the dump
+    /// walked the socket's table, and either sock_diag can list that table
+    /// on this kernel or the socket's release was seen (the close that
+    /// follows a release frees a bound port at once).
+    fn proves_gone(&self, scope: &Scope, s: &Socket) -> bool {
+        let table = Tables::of(s.proto, s.state);
+        scope.covers(s) && (self.visible.contains(table) || s.released)
     }
 
     /// Number of sockets held.
@@ -223,6 +261,7 @@ impl PortMap {
             family: s.family.af(),
             proto: s.proto.ipproto(),
             _pad: [0; 4],
+            addr: addr_to_bytes(s.addr),
         })
     }
 
@@ -238,6 +277,11 @@ impl PortMap {
                     (EventKind::Connect, _) => SockState::SynSent,
                     _ => SockState::Bound,
                 };
+                if ev.netns_unknown {
+                    // Possibly another namespace's: a dump of this one
+                    // adds it if it is ours.
+                    return EventEffect::Verify(key, Tables::of(ev.proto, state));
+                }
                 self.upsert(
                     Socket {
                         cookie: ev.cookie,
@@ -252,6 +296,8 @@ impl PortMap {
                         source: Source::Event,
                         first_seen: now,
                         last_event_ns: ev.ts_ns,
+                        released: false,
+                        untracked: ev.untracked,
                     },
                     changes,
                 );
@@ -268,6 +314,7 @@ impl PortMap {
                     if table == Tables::CONNECTED {
                         return EventEffect::Applied;
                     }
+                    s.released = true;
                     return EventEffect::Verify((s.proto, s.port), table);
                 }
                 let tables = match ev.proto {
@@ -276,17 +323,83 @@ impl PortMap {
                 };
                 EventEffect::Verify(key, tables)
             }
-            EventKind::State => {
-                // A TCP socket left LISTEN somewhere on the host (the
-                // tracepoint cannot tell the namespace). Only a port we hold
-                // can become free, so others need no dump.
-                if ev.old_state == TCP_LISTEN && self.by_port.contains_key(&key) {
-                    EventEffect::Verify(key, Tables::LISTEN)
+            EventKind::Unlisten => {
+                // A listener stopped listening (shutdown, or the close
+                // before its release): it may still hold the port bound.
+                if self.by_port.contains_key(&key) {
+                    EventEffect::Verify(key, Tables::LISTEN.union(Tables::BOUND))
                 } else {
                     EventEffect::Ignored
                 }
             }
         }
+    }
+
+    /// The kernel's record of the sockets it tracks, read after lost events
+    /// on a kernel whose dumps cannot list bound TCP sockets: tracked TCP
+    /// sockets the map lacks are added as bound (a dump corrects the state
+    /// of those that listen or connect), and bound ones the kernel no longer
+    /// tracks were released. `started_ns` is when the read began.
+    pub fn apply_tracked(
+        &mut self,
+        tracked: &[(u64, TrackedSocket)],
+        started_ns: u64,
+        now: SystemTime,
+        changes: &mut Vec<Change>,
+    ) -> MergeStats {
+        let mut stats = MergeStats::default();
+        if self.visible.contains(Tables::BOUND) {
+            return stats; // dumps show bound sockets themselves
+        }
+        let mut seen = HashSet::with_capacity(tracked.len());
+        for (cookie, t) in tracked {
+            let (Some(proto), Some(family)) = (Proto::from_ipproto(t.proto), Family::from_af(t.family)) else {
+                continue;
+            };
+            if proto != Proto::Tcp || t.port == 0 {
+                continue;
+            }
+            seen.insert(*cookie);
+            if self.sockets.contains_key(cookie) {
+                continue;
+            }
+            stats.added.push(*cookie);
+            self.upsert(
+                Socket {
+                    cookie: *cookie,
+                    proto,
+                    family,
+                    addr: addr_from_bytes(family, &t.addr),
+                    port: t.port,
+                    state: SockState::Bound,
+                    reuse: None,
+                    owner: None,
+                    sock_cgroup_id: 0,
+                    source: Source::Kernel,
+                    first_seen: now,
+                    last_event_ns: 0,
+                    released: false,
+                    untracked: false,
+                },
+                changes,
+            );
+        }
+        let gone: Vec<u64> = self
+            .sockets
+            .values()
+            .filter(|s| {
+                s.proto == Proto::Tcp
+                    && s.state == SockState::Bound
+                    && !s.untracked
+                    && s.last_event_ns < started_ns
+                    && !seen.contains(&s.cookie)
+            })
+            .map(|s| s.cookie)
+            .collect();
+        for cookie in gone {
+            self.remove_counted(cookie, &mut stats, changes);
+        }
+        stats
     }
 
     /// Merges a dump: it is the truth for everything that happened before it
@@ -325,6 +438,8 @@ impl PortMap {
                             source: Source::Snapshot,
                             first_seen: now,
                             last_event_ns: 0,
+                            released: false,
+                            untracked: false,
                         },
                         changes,
                     );
@@ -336,13 +451,11 @@ impl PortMap {
             Some(keys) => keys.iter().filter_map(|k| self.by_port.get(k)).flatten().copied().collect(),
         };
         for cookie in candidates {
-            let stale = self
-                .sockets
-                .get(&cookie)
-                .is_some_and(|s| s.last_event_ns < snap.started_ns && !seen.contains(&cookie) && snap.scope.covers(s));
+            let stale = self.sockets.get(&cookie).is_some_and(|s| {
+                s.last_event_ns < snap.started_ns && !seen.contains(&cookie) && self.proves_gone(&snap.scope, s)
+            });
             if stale {
-                self.remove(cookie, changes);
-                stats.removed += 1;
+                self.remove_counted(cookie, &mut stats, changes);
             }
         }
         stats
@@ -375,12 +488,17 @@ impl PortMap {
         self.report(&touched, &before, changes);
     }
 
-    fn remove(&mut self, cookie: u64, changes: &mut Vec<Change>) {
+    fn remove_counted(&mut self, cookie: u64, stats: &mut MergeStats, changes: &mut Vec<Change>) {
+        let tracked_kind = self.tracking_record(cookie).is_some();
         if let Some(s) = self.sockets.remove(&cookie) {
             let touched = [(s.proto, s.port)];
             let before = self.taken_states(&touched);
             self.unindex(&s);
             self.report(&touched, &before, changes);
+            stats.removed.push(cookie);
+            if tracked_kind {
+                stats.untrack.push(cookie);
+            }
         }
     }
 
@@ -448,8 +566,8 @@ mod tests {
             addr: ANY4,
             port,
             owner: Some(Owner { pid: 42, comm: "postgres".into(), cgroup_id: 7 }),
-            old_state: 0,
-            new_state: 0,
+            untracked: false,
+            netns_unknown: false,
             reuse: None,
         }
     }
@@ -468,7 +586,7 @@ mod tests {
 
     #[test]
     fn bind_takes_port_and_release_only_asks_for_verification() {
-        let mut m = PortMap::new();
+        let mut m = PortMap::default();
         let mut ch = vec![];
         assert_eq!(m.apply_event(&ev(EventKind::Bind, 1, 5432, 10), now(), &mut ch), EventEffect::Applied);
         assert_eq!(ch, vec![Change::Taken((Proto::Tcp, 5432))]);
@@ -481,14 +599,14 @@ mod tests {
 
     #[test]
     fn a_dump_started_after_the_release_frees_the_port() {
-        let mut m = PortMap::new();
+        let mut m = PortMap::default();
         let mut ch = vec![];
         m.apply_event(&ev(EventKind::Bind, 1, 5432, 10), now(), &mut ch);
         m.apply_event(&ev(EventKind::Release, 1, 5432, 20), now(), &mut ch);
         ch.clear();
         let key = (Proto::Tcp, 5432);
         let stats = m.apply_snapshot(&snap(30, Scope::ports([key].into(), Tables::BOUND), vec![]), now(), &mut ch);
-        assert_eq!(stats.removed, 1);
+        assert_eq!(stats.removed.len(), 1);
         assert!(!m.is_taken(key));
         assert_eq!(ch, vec![Change::Freed(key)]);
     }
@@ -497,19 +615,19 @@ mod tests {
     fn a_dump_older_than_an_event_cannot_remove_that_socket() {
         // Dump started at 5, the bind happened at 10 and was applied before
         // the dump finished: the dump did not see it, yet it must stay.
-        let mut m = PortMap::new();
+        let mut m = PortMap::default();
         let mut ch = vec![];
         m.apply_event(&ev(EventKind::Bind, 1, 5432, 10), now(), &mut ch);
         let stats = m.apply_snapshot(&snap(5, Scope::FULL, vec![]), now(), &mut ch);
-        assert_eq!(stats.removed, 0);
+        assert!(stats.removed.is_empty());
         let stats = m.apply_snapshot(&snap(5, Scope::FAST, vec![]), now(), &mut ch);
-        assert_eq!(stats.removed, 0);
+        assert!(stats.removed.is_empty());
         assert!(m.is_taken((Proto::Tcp, 5432)));
     }
 
     #[test]
     fn a_dump_older_than_a_release_keeps_the_socket_until_a_newer_one() {
-        let mut m = PortMap::new();
+        let mut m = PortMap::default();
         let mut ch = vec![];
         m.apply_event(&ev(EventKind::Bind, 1, 5432, 10), now(), &mut ch);
         m.apply_event(&ev(EventKind::Release, 1, 5432, 20), now(), &mut ch);
@@ -521,7 +639,7 @@ mod tests {
 
     #[test]
     fn time_wait_after_close_keeps_the_port() {
-        let mut m = PortMap::new();
+        let mut m = PortMap::default();
         let mut ch = vec![];
         m.apply_event(&ev(EventKind::Connect, 9, 40000, 10), now(), &mut ch);
         m.apply_event(&ev(EventKind::Release, 9, 40000, 20), now(), &mut ch);
@@ -539,7 +657,7 @@ mod tests {
 
     #[test]
     fn snapshot_adds_unknown_sockets_and_reports_them() {
-        let mut m = PortMap::new();
+        let mut m = PortMap::default();
         let mut ch = vec![];
         let stats = m.apply_snapshot(
             &snap(1, Scope::FULL, vec![dumped(3, 22, SockState::Listen), dumped(4, 22, SockState::Established)]),
@@ -555,7 +673,7 @@ mod tests {
 
     #[test]
     fn verification_scope_leaves_other_ports_alone() {
-        let mut m = PortMap::new();
+        let mut m = PortMap::default();
         let mut ch = vec![];
         m.apply_snapshot(
             &snap(1, Scope::FULL, vec![dumped(3, 22, SockState::Listen), dumped(5, 80, SockState::Listen)]),
@@ -564,14 +682,14 @@ mod tests {
         );
         let key = (Proto::Tcp, 80);
         let stats = m.apply_snapshot(&snap(2, Scope::ports([key].into(), Tables::LISTEN), vec![]), now(), &mut ch);
-        assert_eq!(stats.removed, 1);
+        assert_eq!(stats.removed.len(), 1);
         assert!(m.is_taken((Proto::Tcp, 22)));
         assert!(!m.is_taken(key));
     }
 
     #[test]
     fn reuseport_pair_keeps_port_until_both_are_gone() {
-        let mut m = PortMap::new();
+        let mut m = PortMap::default();
         let mut ch = vec![];
         m.apply_event(&ev(EventKind::Listen, 1, 6000, 10), now(), &mut ch);
         m.apply_event(&ev(EventKind::Listen, 2, 6000, 11), now(), &mut ch);
@@ -587,26 +705,93 @@ mod tests {
 
     #[test]
     fn port_zero_binds_are_ignored_until_a_port_is_known() {
-        let mut m = PortMap::new();
+        let mut m = PortMap::default();
         let mut ch = vec![];
         assert_eq!(m.apply_event(&ev(EventKind::Bind, 1, 0, 10), now(), &mut ch), EventEffect::Ignored);
         assert!(m.is_empty());
     }
 
     #[test]
-    fn state_hints_only_matter_for_ports_we_hold() {
-        let mut m = PortMap::new();
+    fn unlisten_hints_only_matter_for_ports_we_hold() {
+        let mut m = PortMap::default();
         let mut ch = vec![];
-        let mut hint = ev(EventKind::State, 0, 7000, 10);
-        hint.old_state = TCP_LISTEN;
+        let hint = ev(EventKind::Unlisten, 1, 7000, 10);
         assert_eq!(m.apply_event(&hint, now(), &mut ch), EventEffect::Ignored);
         m.apply_event(&ev(EventKind::Listen, 1, 7000, 5), now(), &mut ch);
-        assert_eq!(m.apply_event(&hint, now(), &mut ch), EventEffect::Verify((Proto::Tcp, 7000), Tables::LISTEN));
+        assert_eq!(
+            m.apply_event(&hint, now(), &mut ch),
+            EventEffect::Verify((Proto::Tcp, 7000), Tables::LISTEN.union(Tables::BOUND))
+        );
+    }
+
+    /// Before Linux 6.5 sock_diag cannot list bound TCP sockets.
+    fn blind_to_bound() -> PortMap {
+        PortMap::new(Tables::LISTEN.union(Tables::UDP).union(Tables::CONNECTED))
+    }
+
+    #[test]
+    fn where_dumps_cannot_see_bound_sockets_only_their_release_removes_them() {
+        let mut m = blind_to_bound();
+        let mut ch = vec![];
+        let key = (Proto::Tcp, 31000);
+        m.apply_event(&ev(EventKind::Bind, 1, 31000, 10), now(), &mut ch);
+        // Dumps that cannot show it prove nothing, however recent.
+        for scope in [Scope::FULL, Scope::FAST, Scope::ports([key].into(), Tables::ALL)] {
+            let stats = m.apply_snapshot(&snap(50, scope, vec![]), now(), &mut ch);
+            assert!(stats.removed.is_empty());
+            assert!(m.is_taken(key), "a bound socket missing from a blind dump must stay taken");
+        }
+        // Its release does, through the next dump that started after it.
+        assert_eq!(
+            m.apply_event(&ev(EventKind::Release, 1, 31000, 60), now(), &mut ch),
+            EventEffect::Verify(key, Tables::BOUND)
+        );
+        m.apply_snapshot(&snap(55, Scope::ports([key].into(), Tables::BOUND), vec![]), now(), &mut ch);
+        assert!(m.is_taken(key), "a dump that started before the release proves nothing");
+        m.apply_snapshot(&snap(70, Scope::ports([key].into(), Tables::BOUND), vec![]), now(), &mut ch);
+        assert!(!m.is_taken(key));
+    }
+
+    #[test]
+    fn where_dumps_cannot_see_bound_sockets_the_kernels_table_recovers_lost_events() {
+        let mut m = blind_to_bound();
+        let mut ch = vec![];
+        let t = |port| TrackedSocket { port, family: 2, proto: 6, _pad: [0; 4], addr: [0; 16] };
+        // Bind events for 31001 were lost; 31002 was bound and released, both
+        // events lost; 31003 could not be tracked and must stay.
+        m.apply_event(&ev(EventKind::Bind, 2, 31002, 10), now(), &mut ch);
+        let mut untracked = ev(EventKind::Bind, 3, 31003, 10);
+        untracked.untracked = true;
+        m.apply_event(&untracked, now(), &mut ch);
+        let stats = m.apply_tracked(&[(1, t(31001))], 20, now(), &mut ch);
+        assert_eq!(stats.added, vec![1]);
+        assert_eq!(stats.removed, vec![2]);
+        assert!(m.is_taken((Proto::Tcp, 31001)));
+        assert!(!m.is_taken((Proto::Tcp, 31002)));
+        assert!(m.is_taken((Proto::Tcp, 31003)));
+        assert_eq!(m.unverifiable().count(), 1);
+        // A socket bound after the read began is kept whatever the read said.
+        m.apply_event(&ev(EventKind::Bind, 4, 31004, 30), now(), &mut ch);
+        m.apply_tracked(&[], 25, now(), &mut ch);
+        assert!(m.is_taken((Proto::Tcp, 31004)));
+        // Where dumps do show bound sockets, the table is not needed.
+        let mut full = PortMap::default();
+        assert_eq!(full.apply_tracked(&[(1, t(31001))], 20, now(), &mut ch), MergeStats::default());
+    }
+
+    #[test]
+    fn events_of_an_unknown_namespace_are_checked_not_applied() {
+        let mut m = PortMap::default();
+        let mut ch = vec![];
+        let mut e = ev(EventKind::Listen, 1, 7001, 10);
+        e.netns_unknown = true;
+        assert_eq!(m.apply_event(&e, now(), &mut ch), EventEffect::Verify((Proto::Tcp, 7001), Tables::LISTEN));
+        assert!(m.is_empty());
     }
 
     #[test]
     fn closing_a_connection_waits_for_the_established_table() {
-        let mut m = PortMap::new();
+        let mut m = PortMap::default();
         let mut ch = vec![];
         let key = (Proto::Tcp, 40001);
         m.apply_event(&ev(EventKind::Connect, 5, 40001, 10), now(), &mut ch);
@@ -626,7 +811,7 @@ mod tests {
 
     #[test]
     fn reuseaddr_sockets_that_do_not_listen_leave_the_port_free() {
-        let mut m = PortMap::new();
+        let mut m = PortMap::default();
         let mut ch = vec![];
         let key = (Proto::Tcp, 8000);
         let mut bind = ev(EventKind::Bind, 1, 8000, 10);
@@ -654,7 +839,7 @@ mod tests {
 
     #[test]
     fn tcp_and_udp_are_separate_ports() {
-        let mut m = PortMap::new();
+        let mut m = PortMap::default();
         let mut ch = vec![];
         let mut udp = ev(EventKind::Bind, 1, 53, 10);
         udp.proto = Proto::Udp;

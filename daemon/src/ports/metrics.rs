@@ -7,6 +7,8 @@ use std::{
 use polarstack_ebpf_common::EventKind;
 
 use super::{
+    events::KernelCounters,
+    kernel::BlindSpot,
     map::{MergeStats, Scope, Tables},
     model::Proto,
     Mode, PortTable,
@@ -18,14 +20,16 @@ const KINDS: [(EventKind, &str); 5] = [
     (EventKind::Release, "release"),
     (EventKind::Listen, "listen"),
     (EventKind::Connect, "connect"),
-    (EventKind::State, "state"),
+    (EventKind::Unlisten, "unlisten"),
 ];
 
 #[derive(Default)]
 pub struct PortMetrics {
     events: [AtomicU64; 5],
-    foreign: AtomicU64,
-    lost: AtomicU64,
+    undecodable: AtomicU64,
+    foreign_daemon: AtomicU64,
+    seed_failures: AtomicU64,
+    kernel: std::sync::Mutex<KernelCounters>,
     dumps_full: AtomicU64,
     dumps_fast: AtomicU64,
     dumps_ports: AtomicU64,
@@ -42,20 +46,24 @@ impl PortMetrics {
         }
     }
 
-    pub fn count_foreign(&self) {
-        self.foreign.fetch_add(1, Relaxed);
+    pub fn count_undecodable(&self, n: usize) {
+        self.undecodable.fetch_add(n as u64, Relaxed);
+    }
+
+    pub fn count_foreign_in_daemon(&self) {
+        self.foreign_daemon.fetch_add(1, Relaxed);
+    }
+
+    pub fn count_seed_failure(&self) {
+        self.seed_failures.fetch_add(1, Relaxed);
     }
 
     pub fn count_dump_error(&self) {
         self.dump_errors.fetch_add(1, Relaxed);
     }
 
-    pub fn set_lost(&self, total: u64) {
-        self.lost.store(total, Relaxed);
-    }
-
-    pub fn lost(&self) -> u64 {
-        self.lost.load(Relaxed)
+    pub fn set_kernel_counters(&self, c: KernelCounters) {
+        *self.kernel.lock().unwrap_or_else(|p| p.into_inner()) = c;
     }
 
     /// Periodic dumps count what they found different from the map as
@@ -63,7 +71,7 @@ impl PortMetrics {
     pub fn record_dump(&self, scope: &Scope, repair: bool, stats: &MergeStats, took: Duration) {
         if repair {
             self.repairs_added.fetch_add(stats.added.len() as u64, Relaxed);
-            self.repairs_removed.fetch_add(stats.removed as u64, Relaxed);
+            self.repairs_removed.fetch_add(stats.removed.len() as u64, Relaxed);
         }
         if scope.ports.is_some() {
             self.dumps_ports.fetch_add(1, Relaxed);
@@ -88,19 +96,47 @@ impl PortMetrics {
             .collect();
         write_metric(out, "polarstack_ports_events_total", "eBPF events received, by hook.", Counter, &events);
         let one = |v: u64| [(String::new(), v as f64)];
+        let kernel = *self.kernel.lock().unwrap_or_else(|p| p.into_inner());
         write_metric(
             out,
             "polarstack_ports_foreign_netns_events_total",
-            "Events from other network namespaces, dropped.",
+            "Events from other network namespaces, dropped: in the kernel, or by the daemon (a backstop that should stay 0).",
             Counter,
-            &one(self.foreign.load(Relaxed)),
+            &[
+                ("where=\"kernel\"".into(), kernel.foreign as f64),
+                ("where=\"daemon\"".into(), self.foreign_daemon.load(Relaxed) as f64),
+            ],
+        );
+        write_metric(
+            out,
+            "polarstack_ports_netns_unknown_events_total",
+            "Events from hooks that cannot read namespace cookies on this kernel, each checked with a dump.",
+            Counter,
+            &one(kernel.netns_unknown),
         );
         write_metric(
             out,
             "polarstack_ports_lost_events_total",
             "Events the kernel dropped because the ring buffer was full (each forces a resync).",
             Counter,
-            &one(self.lost.load(Relaxed)),
+            &one(kernel.ring_full),
+        );
+        write_metric(
+            out,
+            "polarstack_ports_untracked_sockets_total",
+            "Sockets the kernel's tracking table had no room for (their close is not reported), and sockets found by dumps that could not be entered.",
+            Counter,
+            &[
+                ("where=\"kernel\"".into(), kernel.track_full as f64),
+                ("where=\"seed\"".into(), self.seed_failures.load(Relaxed) as f64),
+            ],
+        );
+        write_metric(
+            out,
+            "polarstack_ports_undecodable_events_total",
+            "Ring-buffer records the daemon could not decode (dropped).",
+            Counter,
+            &one(self.undecodable.load(Relaxed)),
         );
         write_metric(
             out,
@@ -155,6 +191,41 @@ impl PortMetrics {
             "How the port map is fed: 1 for the active mode (snapshot-only means degraded).",
             Gauge,
             &[("mode=\"ebpf\"".into(), ebpf), ("mode=\"snapshot-only\"".into(), snapshot)],
+        );
+        let hooks: Vec<_> = table
+            .status
+            .kernel
+            .hooks
+            .iter()
+            .map(|h| (format!("hook=\"{}\"", h.hook), f64::from(u8::from(h.attached))))
+            .collect();
+        write_metric(
+            out,
+            "polarstack_ports_hook_attached",
+            "1 for each eBPF hook this kernel accepted, 0 for each it refused (see /readyz for the reason).",
+            Gauge,
+            &hooks,
+        );
+        let blind: Vec<_> = BlindSpot::KINDS
+            .iter()
+            .map(|k| {
+                let on = table.status.blind_spots.iter().any(|b| b.kind() == *k);
+                (format!("kind=\"{k}\""), f64::from(u8::from(on)))
+            })
+            .collect();
+        write_metric(
+            out,
+            "polarstack_ports_blind_spot",
+            "1 for each kind of socket this kernel hides from the daemon (answers it could change are uncertain).",
+            Gauge,
+            &blind,
+        );
+        write_metric(
+            out,
+            "polarstack_ports_unverifiable_ports",
+            "Ports held by bound sockets whose release cannot be observed (tracking table full, dumps blind).",
+            Gauge,
+            &one(table.status.unverifiable.len() as u64),
         );
         write_metric(
             out,

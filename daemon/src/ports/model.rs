@@ -157,7 +157,9 @@ impl FromStr for SockState {
     }
 }
 
-/// Who made the socket hold its port, as the eBPF hook saw it.
+/// Who made the socket hold its port, as the eBPF hook saw it. Each field
+/// may be unknown where the running kernel does not let that hook read it
+/// (0 or empty).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Owner {
     pub pid: u32,
@@ -173,6 +175,9 @@ pub struct Owner {
 pub enum Source {
     Event,
     Snapshot,
+    /// The kernel's tracking table (bound sockets whose events were lost,
+    /// on kernels whose dumps cannot show bound sockets).
+    Kernel,
 }
 
 /// One socket that holds a local port.
@@ -194,6 +199,12 @@ pub struct Socket {
     /// CLOCK_MONOTONIC ns of the last event about this socket; 0 when none.
     /// A snapshot that started before this instant cannot remove the socket.
     pub last_event_ns: u64,
+    /// Its release was reported: the close that follows frees a bound or
+    /// listening socket's port, so a dump may remove it even from a table
+    /// sock_diag cannot list.
+    pub released: bool,
+    /// The kernel could not track it: its release will not be reported.
+    pub untracked: bool,
 }
 
 impl Socket {
@@ -217,6 +228,16 @@ pub fn addr_from_bytes(family: Family, raw: &[u8; 16]) -> IpAddr {
         Family::Ipv4 => IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3])),
         Family::Ipv6 => IpAddr::V6(Ipv6Addr::from(*raw)),
     }
+}
+
+/// The inverse of [`addr_from_bytes`].
+pub fn addr_to_bytes(addr: IpAddr) -> [u8; 16] {
+    let mut raw = [0u8; 16];
+    match addr {
+        IpAddr::V4(a) => raw[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => raw = a.octets(),
+    }
+    raw
 }
 
 /// A kernel `comm` (NUL padded) as text.

@@ -7,7 +7,11 @@
 //! ports cheaply on a host with 100k connections) nor the bound-inactive state
 //! (bit 13), and it allocates per socket. The socket itself is netlink-sys's.
 //! Layouts: include/uapi/linux/inet_diag.h, sock_diag.h, netlink.h.
-use std::{collections::BTreeSet, io};
+use std::{
+    collections::BTreeSet,
+    io,
+    os::fd::{FromRawFd, OwnedFd},
+};
 
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket};
 
@@ -66,6 +70,8 @@ pub const MAX_FILTERED_PORTS: usize = 2048;
 pub enum DumpError {
     #[error("opening a NETLINK_SOCK_DIAG socket: {0}")]
     Open(#[source] io::Error),
+    #[error("binding the probe socket that tells whether bound TCP sockets can be listed: {0}")]
+    Probe(#[source] io::Error),
     #[error("sending a sock_diag request for {proto}/{family:?}: {source}")]
     Send { proto: Proto, family: Family, source: io::Error },
     #[error("reading sock_diag replies for {proto}/{family:?}: {source}")]
@@ -81,6 +87,8 @@ pub struct SockDiag {
     sock: Socket,
     buf: Vec<u8>,
     seq: u32,
+    /// The tables this kernel can list (see [`SockDiag::probe_visible`]).
+    visible: Tables,
 }
 
 impl SockDiag {
@@ -88,7 +96,34 @@ impl SockDiag {
         let mut sock = Socket::new(NETLINK_SOCK_DIAG).map_err(DumpError::Open)?;
         sock.bind_auto().map_err(DumpError::Open)?;
         // Large reads: the kernel fills up to the buffer per recv.
-        Ok(Self { sock, buf: vec![0; 1 << 20], seq: 0 })
+        let mut diag = Self { sock, buf: vec![0; 1 << 20], seq: 0, visible: Tables::ALL };
+        diag.visible = diag.probe_visible()?;
+        Ok(diag)
+    }
+
+    /// The tables a dump can list on this kernel.
+    pub fn visible(&self) -> Tables {
+        self.visible
+    }
+
+    /// Whether sock_diag lists TCP sockets that are bound but neither
+    /// listening nor connected (state bit 13, Linux 6.5+; vendors backport,
+    /// so it is tried rather than read from the version). The probe socket
+    /// sets SO_REUSEADDR and never listens: it cannot stop a PostgreSQL-style
+    /// listener from binding the port it holds for that moment.
+    fn probe_visible(&mut self) -> Result<Tables, DumpError> {
+        let (sock, port) = bound_probe().map_err(DumpError::Probe)?;
+        let mut out = Vec::new();
+        self.dump_one(
+            Proto::Tcp,
+            Family::Ipv4,
+            1 << TCP_BOUND_INACTIVE,
+            Some(&port_filter(&[port].into_iter().collect())),
+            &mut out,
+        )?;
+        drop(sock);
+        let all_but_bound = Tables::LISTEN.union(Tables::UDP).union(Tables::CONNECTED);
+        Ok(if out.iter().any(|s| s.port == port) { Tables::ALL } else { all_but_bound })
     }
 
     /// Dumps the sockets in `scope` (TCP and UDP, IPv4 and IPv6).
@@ -106,9 +141,12 @@ impl SockDiag {
                     Some(port_filter(&ports))
                 }
             };
+            // Only what this kernel can list: an unknown state bit would make
+            // an older kernel walk the established hash for nothing.
+            let tables = scope.tables.intersection(self.visible);
             let states = match proto {
-                Proto::Udp if scope.tables.contains(Tables::UDP) => UDP_STATES,
-                Proto::Tcp => tcp_states(scope.tables),
+                Proto::Udp if tables.contains(Tables::UDP) => UDP_STATES,
+                Proto::Tcp => tcp_states(tables),
                 Proto::Udp => 0,
             };
             if states == 0 {
@@ -266,6 +304,36 @@ fn parse_socket(body: &[u8], proto: Proto) -> Option<DumpedSocket> {
         state,
         cgroup_id,
     })
+}
+
+/// A TCP socket with SO_REUSEADDR bound to 127.0.0.1 on a port the kernel
+/// picks, never listening; and that port.
+fn bound_probe() -> io::Result<(OwnedFd, u16)> {
+    // SAFETY: plain socket syscalls on a descriptor owned by the OwnedFd; the
+    // option and address buffers are locals of the lengths passed.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let sock = OwnedFd::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        if libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&one as *const libc::c_int).cast(), len) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut a: libc::sockaddr_in = std::mem::zeroed();
+        a.sin_family = libc::AF_INET as libc::sa_family_t;
+        a.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+        let mut alen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        if libc::bind(fd, (&a as *const libc::sockaddr_in).cast(), alen) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::getsockname(fd, (&mut a as *mut libc::sockaddr_in).cast(), &mut alen) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((sock, u16::from_be(a.sin_port)))
+    }
 }
 
 fn align4(n: usize) -> usize {
