@@ -63,7 +63,7 @@ fn main() {
     let mut diag = SockDiag::new().expect("sock_diag");
     for target in [1_000usize, 10_000, 100_000] {
         holders.top_up(target);
-        let sockets = diag.dump(&Scope::FULL).expect("dump").len();
+        let sockets = diag.dump(&Scope::FULL).expect("dump").sockets.len();
         let t_full = median(5, || {
             diag.dump(&Scope::FULL).expect("dump");
         });

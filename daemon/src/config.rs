@@ -131,6 +131,11 @@ pub struct Flags {
     #[arg(long)]
     pub disable_ebpf: bool,
 
+    /// List bound TCP sockets with the eBPF socket iterator even where
+    /// sock_diag can (Linux 6.5+); for testing the path older kernels take.
+    #[arg(long, hide = true)]
+    pub force_bound_iter: bool,
+
     /// cgroup v2 mount to attach the eBPF programs to (default: found at run time).
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
@@ -246,6 +251,7 @@ impl Flags {
             ring_bytes: self.ring_buffer_bytes,
             tracked_max: self.tracked_sockets_max,
             disable_ebpf: self.disable_ebpf,
+            force_bound_iter: self.force_bound_iter,
             cgroup_root: self.cgroup_root.clone(),
         }
     }

@@ -25,11 +25,13 @@ pub mod kube;
 pub mod logs;
 pub mod network;
 pub mod ports;
+pub mod retry;
 pub mod telemetry;
 pub mod time;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,41 +49,50 @@ pub enum RunError {
 }
 
 /// Runs the daemon until SIGTERM/SIGINT, then stops within about a second.
+///
+/// The wiring reads in the order data flows: the cluster's inputs (when
+/// there is a cluster), then the domains that own state, then the sinks
+/// (Kubernetes, HTTP), which only read the domains' published state.
 pub async fn run(flags: config::Flags) -> Result<(), RunError> {
     for flag in flags.ignored_legacy_flags() {
         tracing::warn!(flag, "accepted for compatibility with the original daemon; it has no effect");
     }
     let shutdown = CancellationToken::new();
-    let ports = ports::start(flags.ports_config(), shutdown.clone())?;
-    let cluster = kube::start(flags.cluster_config(), ports.clone(), shutdown.clone()).await?;
+    // Inputs.
+    let cluster = kube::connect(flags.cluster_config(), shutdown.clone()).await?;
+    if cluster.is_none() {
+        tracing::info!("no cluster configured: running standalone (every source, HTTP API, no Kubernetes)");
+    }
+    // Domains.
+    let claims = cluster.as_ref().map(kube::Cluster::claim_inputs).unwrap_or_default();
+    let ports = ports::start(flags.ports_config(), claims, shutdown.clone())?;
+    let nic = match &cluster {
+        Some(c) => c.nic_config(flags.nic_config()),
+        None => watch::channel(Some(flags.nic_config())).1,
+    };
+    let network = network::spawn(nic, shutdown.clone())?;
+    let versions = cluster.as_ref().map_or_else(|| watch::channel(Vec::new()).1, |c| c.versions.clone());
+    let engines = engines::spawn(flags.engines_config(), versions, shutdown.clone());
     // Without a cluster nobody can say which instances are live: rule 1 of
     // the sweeps (instance folders) stays off; rules 2 and 3 run.
     let owners: Arc<dyn logs::LiveInstances> = match &cluster {
         Some(c) => c.live_instances.clone(),
-        None => {
-            tracing::info!("no cluster configured: running standalone (every source, HTTP API, no Kubernetes)");
-            Arc::new(logs::Standalone)
-        }
+        None => Arc::new(logs::Standalone),
     };
-    let (conditions, nic) = match &cluster {
-        Some(c) => (c.conditions.clone(), kube::settings::nic_config(c.settings.clone(), flags.nic_config())),
-        None => (kube::node_status::NodeConditions::standalone(), tokio::sync::watch::channel(flags.nic_config()).1),
-    };
-    let network = network::spawn(nic, conditions, shutdown.clone())?;
-    let versions = cluster.as_ref().map_or_else(|| tokio::sync::watch::channel(Vec::new()).1, |c| c.versions.clone());
-    let engines = engines::spawn(flags.engines_config(), versions, shutdown.clone());
-    let rescan_bus = cluster.as_ref().map(|c| kube::start_engines(c, &engines, shutdown.clone()));
-    let sweep_policy = http::logs::HttpSweepPolicy::from_args(&flags.logs);
     let sweeps = logs::spawn(flags.logs.clone(), owners, shutdown.clone())?;
+    // Sinks.
+    let kube = cluster.map(|c| {
+        let publishing = c.publish(&ports, network.clone(), &engines, shutdown.clone());
+        (c, publishing)
+    });
     let addr = SocketAddr::new(flags.listen_address, flags.port);
     let state = http::AppState {
         ports,
         network,
         engines,
-        rescan_bus,
-        cluster,
+        kube,
         logs: sweeps,
-        sweep_policy,
+        sweep_policy: http::logs::HttpSweepPolicy::from_args(&flags.logs),
         shutdown: shutdown.clone(),
     };
     let mut server = tokio::spawn(http::serve(addr, state));

@@ -5,9 +5,9 @@
 //! state. A dump also runs at start, when the NIC's name changes, and every
 //! `RESYNC` as a safety net for events lost in a full socket buffer.
 //!
-//! One task owns [`NetworkState`]; the HTTP sink reads it, and in cluster
-//! mode the node-condition writer receives `NodeClientIP` and
-//! `NodeClientNetworkUnavailable` from it.
+//! One task owns [`NetworkState`] and publishes it on a watch channel; the
+//! sinks read it (HTTP shows it, and in cluster mode the node-status writer
+//! turns it into `NodeClientIP` and `NodeClientNetworkUnavailable`).
 use std::{
     net::{IpAddr, Ipv4Addr},
     time::{Duration, SystemTime},
@@ -28,7 +28,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::kube::node_status::{Condition, NodeConditions};
+use crate::retry::Backoff;
 
 /// Safety net against lost multicast events: a dump of one NIC costs microseconds.
 const RESYNC: Duration = Duration::from_secs(30);
@@ -75,7 +75,8 @@ pub struct Address {
 /// What `/api/v2/network` shows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NetworkState {
-    pub nic: String,
+    /// The client NIC; None until the cluster's settings name it.
+    pub nic: Option<String>,
     pub net_mask: Option<String>,
     pub present: bool,
     pub state: LinkState,
@@ -91,35 +92,22 @@ pub struct NetworkState {
 }
 
 impl NetworkState {
-    fn unknown(cfg: &NicConfig) -> Self {
+    pub(crate) fn unknown(cfg: Option<&NicConfig>) -> Self {
         Self {
-            nic: cfg.name.clone(),
-            net_mask: cfg.net_mask.clone(),
+            nic: cfg.map(|c| c.name.clone()),
+            net_mask: cfg.and_then(|c| c.net_mask.clone()),
             present: false,
             state: LinkState::Unknown,
             oper_state: None,
             addresses: Vec::new(),
             client_ip: None,
-            client_ip_error: Some("not read yet".into()),
+            client_ip_error: Some(
+                if cfg.is_some() { "not read yet" } else { "waiting for the cluster's settings to name the NIC" }
+                    .into(),
+            ),
             last_change: None,
             last_error: None,
         }
-    }
-
-    /// The two conditions this state means (COMPAT.md "Outputs" 3).
-    pub fn conditions(&self) -> [Condition; 2] {
-        let reason = self.state.reason();
-        let unavailable = Condition::new(
-            "NodeClientNetworkUnavailable",
-            self.state != LinkState::Up,
-            reason,
-            &format!("{} {reason}", self.nic),
-        );
-        let ip = match self.client_ip {
-            Some(ip) => Condition::new("NodeClientIP", true, &self.nic, &ip.to_string()),
-            None => Condition::new("NodeClientIP", false, &self.nic, "0.0.0.0"),
-        };
-        [unavailable, ip]
     }
 }
 
@@ -201,36 +189,34 @@ pub enum NetworkError {
     Socket(#[source] std::io::Error),
 }
 
-/// Starts the owner task. `nic` may change at any time (ccm-config).
+/// Starts the owner task. `nic` may change at any time (ccm-config); while
+/// it is None (the cluster's settings not read yet) no NIC is watched.
 pub fn spawn(
-    mut nic: watch::Receiver<NicConfig>,
-    conditions: NodeConditions,
+    mut nic: watch::Receiver<Option<NicConfig>>,
     shutdown: CancellationToken,
 ) -> Result<watch::Receiver<NetworkState>, NetworkError> {
     let (mut handle, mut events) = connect().map_err(NetworkError::Socket)?;
     let first = nic.borrow_and_update().clone();
-    let (tx, rx) = watch::channel(NetworkState::unknown(&first));
+    let (tx, rx) = watch::channel(NetworkState::unknown(first.as_ref()));
     tokio::spawn(async move {
         let mut cfg = first;
         let mut resync = tokio::time::interval(RESYNC);
         // Standalone, the NIC comes from flags and never changes.
         let mut nic_open = true;
-        let mut reconnects = 0u32;
+        let mut reconnect = Backoff::with(Duration::from_millis(500), RESYNC);
         loop {
-            let state = dump(&handle, &cfg).await;
-            let changed = tx.send_if_modified(|cur| {
+            let state = match &cfg {
+                Some(c) => dump(&handle, c).await,
+                None => NetworkState::unknown(None),
+            };
+            tx.send_if_modified(|cur| {
                 let same = NetworkState { last_change: cur.last_change, ..state.clone() } == *cur;
                 if !same {
                     *cur = NetworkState { last_change: Some(SystemTime::now()), ..state.clone() };
-                    tracing::info!(nic = %cur.nic, state = cur.state.reason(), client_ip = ?cur.client_ip, "client network changed");
+                    tracing::info!(nic = ?cur.nic, state = cur.state.reason(), client_ip = ?cur.client_ip, "client network changed");
                 }
                 !same
             });
-            if changed {
-                for c in tx.borrow().conditions() {
-                    conditions.set(c);
-                }
-            }
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 _ = resync.tick() => {}
@@ -242,15 +228,17 @@ pub fn spawn(
                     None => {
                         // The netlink connection failed: open a new one (the
                         // resync timer keeps the state honest meanwhile).
-                        let wait = crate::kube::client::backoff(reconnects).min(RESYNC);
-                        reconnects = reconnects.saturating_add(1);
+                        let wait = reconnect.next_wait();
                         tracing::warn!(retry_in = ?wait, "rtnetlink event stream ended; reconnecting");
                         tokio::select! {
                             () = shutdown.cancelled() => return,
                             () = tokio::time::sleep(wait) => {}
                         }
                         match connect() {
-                            Ok((h, e)) => (handle, events) = (h, e),
+                            Ok((h, e)) => {
+                                (handle, events) = (h, e);
+                                reconnect.reset();
+                            }
                             Err(e) => tracing::warn!(error = %e, "rtnetlink reconnect failed"),
                         }
                     }
@@ -295,7 +283,7 @@ fn is_link_or_address(payload: &NetlinkPayload<RouteNetlinkMessage>) -> bool {
 
 /// The NIC's link and addresses, now.
 async fn dump(handle: &Handle, cfg: &NicConfig) -> NetworkState {
-    let mut st = NetworkState::unknown(cfg);
+    let mut st = NetworkState::unknown(Some(cfg));
     st.client_ip_error = None;
     let link = handle.link().get().match_name(cfg.name.clone()).execute().try_next().await;
     let link = match link {
@@ -370,21 +358,5 @@ mod tests {
         assert!(choose(&[a("2001:db8::5", 64)], None).is_err(), "never IPv6 for the IPv4 condition by accident");
         assert!(choose(&addrs, Some("255.0.255.0")).is_err(), "not a mask");
         assert!(choose(&addrs, Some("banana")).is_err());
-    }
-
-    #[test]
-    fn conditions_follow_the_state() {
-        let mut st = NetworkState::unknown(&NicConfig { name: "eth1".into(), net_mask: None });
-        let [down, ip] = st.conditions();
-        assert_eq!(
-            (down.status.as_str(), down.reason.as_str(), down.message.as_str()),
-            ("True", "StateUnKnown", "eth1 StateUnKnown")
-        );
-        assert_eq!((ip.status.as_str(), ip.message.as_str()), ("False", "0.0.0.0"));
-        st.state = LinkState::Up;
-        st.client_ip = Some("192.0.2.1".parse().expect("ip"));
-        let [up, ip] = st.conditions();
-        assert_eq!((up.status.as_str(), up.reason.as_str()), ("False", "StateUP"));
-        assert_eq!((ip.status.as_str(), ip.reason.as_str(), ip.message.as_str()), ("True", "eth1", "192.0.2.1"));
     }
 }

@@ -209,24 +209,31 @@ impl Daemon {
         }
     }
 
-    /// Taken ports in [from, to] by protocol, as the daemon reports them.
+    /// Taken ports in [from, to] by protocol, as the daemon reports them
+    /// (every page of the listing).
     pub fn taken(&self, from: u16, to: u16) -> (std::collections::BTreeSet<u16>, std::collections::BTreeSet<u16>) {
-        let v = self.get_ok(&format!("/api/v2/ports?from={from}&to={to}"));
-        assert_eq!(v["complete"], true, "map incomplete: {v}");
         let mut tcp = std::collections::BTreeSet::new();
         let mut udp = std::collections::BTreeSet::new();
-        for e in v["ports"].as_array().expect("ports array") {
-            if e["blocking"] == false {
-                continue; // listed, but a SO_REUSEADDR listener could share it
+        let mut after = String::new();
+        loop {
+            let v = self.get_ok(&format!("/api/v2/ports?from={from}&to={to}{after}"));
+            assert_eq!(v["complete"], true, "map incomplete: {v}");
+            for e in v["ports"].as_array().expect("ports array") {
+                if e["blocking"] == false {
+                    continue; // listed, but a SO_REUSEADDR listener could share it
+                }
+                let port = e["port"].as_u64().expect("port") as u16;
+                match e["proto"].as_str() {
+                    Some("tcp") => tcp.insert(port),
+                    Some("udp") => udp.insert(port),
+                    other => panic!("unexpected proto {other:?}"),
+                };
             }
-            let port = e["port"].as_u64().expect("port") as u16;
-            match e["proto"].as_str() {
-                Some("tcp") => tcp.insert(port),
-                Some("udp") => udp.insert(port),
-                other => panic!("unexpected proto {other:?}"),
-            };
+            match v["next"].as_str() {
+                Some(next) => after = format!("&after={next}"),
+                None => return (tcp, udp),
+            }
         }
-        (tcp, udp)
     }
 
     /// Opens the SSE watch stream; lines arrive on the returned channel.

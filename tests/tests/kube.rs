@@ -158,13 +158,15 @@ fn host_ports_and_live_settings_apply_without_restart() {
         }
         wait_keys(&api, &mut d, NODE, &[20003]);
         let view = d.get_ok("/api/v2/kubernetes");
-        assert_eq!(view["host_ports"]["ports"][0]["port"], 20003, "{view}");
+        assert_eq!(view["host_ports"]["claims"][0]["port"], 20003, "{view}");
         // The HTTP API agrees: taken though no socket holds it, never offered free.
         let one = d.get_ok("/api/v2/ports/20003");
         assert_eq!(
-            (one["taken"].clone(), one["host_ports"][0]["pod"].clone()),
-            (json!(true), json!("default/db-here"))
+            (one["taken"].clone(), one["reasons"][0]["kind"].clone(), one["reasons"][0]["pod"].clone()),
+            (json!(true), json!("host-port"), json!("default/db-here")),
+            "{one}"
         );
+        assert_eq!(one["claims"][0]["pod"], "default/db-here", "{one}");
         assert_eq!(d.get_ok("/api/v2/ports/free?from=20003&to=20004")["ports"], json!([20004]));
 
         // New ranges apply live: 20041 becomes watched, 20000-20010 does not.

@@ -63,6 +63,7 @@ pub const PROG_POST_BIND4: &str = "post_bind4";
 pub const PROG_POST_BIND6: &str = "post_bind6";
 pub const PROG_SOCK_RELEASE: &str = "sock_release";
 pub const PROG_SOCK_OPS: &str = "sock_ops";
+pub const PROG_BOUND_SOCKETS: &str = "bound_sockets";
 
 /// Globals (read-only data) the loader sets before the programs are
 /// verified: which optional helpers each program may call on the running
@@ -71,6 +72,8 @@ pub const PROG_SOCK_OPS: &str = "sock_ops";
 pub const GLOBAL_FEAT_BIND: &str = "FEAT_BIND";
 pub const GLOBAL_FEAT_POST_BIND: &str = "FEAT_POST_BIND";
 pub const GLOBAL_FEAT_SOCK_OPS: &str = "FEAT_SOCK_OPS";
+/// [`IterOffsets`] for the socket iterator, from the running kernel's BTF.
+pub const GLOBAL_ITER_OFFSETS: &str = "ITER_OFFSETS";
 
 /// bpf_get_current_pid_tgid: the owner's pid.
 pub const FEAT_PID: u32 = 1;
@@ -80,6 +83,8 @@ pub const FEAT_COMM: u32 = 2;
 pub const FEAT_CGROUP: u32 = 4;
 /// bpf_get_netns_cookie: the socket's network namespace.
 pub const FEAT_NETNS: u32 = 8;
+/// bpf_getsockopt: the socket's SO_REUSEADDR (cgroup bind hooks: 5.13+).
+pub const FEAT_GETSOCKOPT: u32 = 16;
 
 /// What happened to a socket. Values are stable: they cross the ring buffer.
 #[repr(u8)]
@@ -189,6 +194,79 @@ pub struct TrackedSocket {
 
 const _: () = assert!(core::mem::size_of::<TrackedSocket>() == 24);
 
+/// Where the socket iterator (`bound_sockets`, an iter/task_file program)
+/// finds what it reads in kernel memory: byte offsets of fields, computed
+/// by the daemon from the running kernel's BTF (what CO-RE relocations do for
+/// C programs), and the inode number of the watched network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IterOffsets {
+    pub file_inode: u32,
+    pub file_private_data: u32,
+    pub inode_mode: u32,
+    pub inode_ino: u32,
+    pub socket_sk: u32,
+    pub sk_family: u32,
+    pub sk_state: u32,
+    pub sk_num: u32,
+    pub sk_rcv_saddr: u32,
+    pub sk_v6_rcv_saddr: u32,
+    pub sk_net: u32,
+    pub sk_cookie: u32,
+    pub sk_protocol: u32,
+    pub net_ns_inum: u32,
+    pub task_tgid: u32,
+    pub task_comm: u32,
+    /// Not an offset: the watched namespace's inode number (0: iterator off).
+    pub watched_netns_inum: u32,
+    pub _pad: u32,
+}
+
+impl IterOffsets {
+    pub const ZERO: Self = Self {
+        file_inode: 0,
+        file_private_data: 0,
+        inode_mode: 0,
+        inode_ino: 0,
+        socket_sk: 0,
+        sk_family: 0,
+        sk_state: 0,
+        sk_num: 0,
+        sk_rcv_saddr: 0,
+        sk_v6_rcv_saddr: 0,
+        sk_net: 0,
+        sk_cookie: 0,
+        sk_protocol: 0,
+        net_ns_inum: 0,
+        task_tgid: 0,
+        task_comm: 0,
+        watched_netns_inum: 0,
+        _pad: 0,
+    };
+}
+
+/// One TCP socket of the watched namespace that is bound but neither
+/// listening nor connected, as the iterator found it in a task's files.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IterRecord {
+    /// The socket cookie, or 0 when none was ever asked for.
+    pub cookie: u64,
+    /// The socket's inode number (as sock_diag reports it).
+    pub ino: u64,
+    /// The task holding it.
+    pub tgid: u32,
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+    /// Local address, network byte order; IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+    pub comm: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<IterRecord>() == 56);
+const _: () = assert!(core::mem::size_of::<IterOffsets>() == 72);
+
 pub const REUSE_UNKNOWN: u8 = 0;
 pub const REUSE_OFF: u8 = 1;
 pub const REUSE_ON: u8 = 2;
@@ -198,6 +276,7 @@ pub const AF_INET6: u8 = 10;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const TCP_LISTEN: u8 = 10;
+pub const TCP_CLOSE: u8 = 7;
 
 #[cfg(feature = "user")]
 mod user {
@@ -207,4 +286,6 @@ mod user {
     unsafe impl aya::Pod for super::PortEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TrackedSocket {}
+    // SAFETY: as above (u32 fields only, size asserted).
+    unsafe impl aya::Pod for super::IterOffsets {}
 }

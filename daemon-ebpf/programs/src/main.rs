@@ -48,10 +48,11 @@ use aya_ebpf::{
     EbpfContext, Global,
 };
 use polarstack_ebpf_common::{
-    EventKind, PortEvent, TrackedSocket, AF_INET, AF_INET6, CONFIG_LEN, CONFIG_NETNS_COOKIE, CONFIG_PROBE_COOKIE,
-    COUNTERS_LEN, COUNTER_FOREIGN, COUNTER_NETNS_UNKNOWN, COUNTER_RING_FULL, COUNTER_TRACK_FULL, DEFAULT_RING_BYTES,
-    FEAT_CGROUP, FEAT_COMM, FEAT_NETNS, FEAT_PID, FLAG_NETNS_UNKNOWN, FLAG_UNTRACKED, IPPROTO_TCP, REUSE_MAX_ENTRIES,
-    REUSE_OFF, REUSE_ON, REUSE_UNKNOWN, TCP_LISTEN, TRACKED_MAX_ENTRIES,
+    EventKind, IterOffsets, IterRecord, PortEvent, TrackedSocket, AF_INET, AF_INET6, CONFIG_LEN, CONFIG_NETNS_COOKIE,
+    CONFIG_PROBE_COOKIE, COUNTERS_LEN, COUNTER_FOREIGN, COUNTER_NETNS_UNKNOWN, COUNTER_RING_FULL, COUNTER_TRACK_FULL,
+    DEFAULT_RING_BYTES, FEAT_CGROUP, FEAT_COMM, FEAT_GETSOCKOPT, FEAT_NETNS, FEAT_PID, FLAG_NETNS_UNKNOWN,
+    FLAG_UNTRACKED, IPPROTO_TCP, REUSE_MAX_ENTRIES, REUSE_OFF, REUSE_ON, REUSE_UNKNOWN, TCP_CLOSE, TCP_LISTEN,
+    TRACKED_MAX_ENTRIES,
 };
 
 #[map]
@@ -79,6 +80,9 @@ static FEAT_BIND: Global<u32> = Global::new(0);
 static FEAT_POST_BIND: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static FEAT_SOCK_OPS: Global<u32> = Global::new(0);
+/// Field offsets for `bound_sockets`, from the running kernel's BTF.
+#[unsafe(no_mangle)]
+static ITER_OFFSETS: Global<IterOffsets> = Global::new(IterOffsets::ZERO);
 
 const SOL_SOCKET: i32 = 1;
 const SO_REUSEADDR: i32 = 2;
@@ -131,10 +135,14 @@ fn netns_of<C: EbpfContext>(ctx: &C, feat: u32, sock_cookie: u64) -> Netns {
     }
 }
 
-/// SO_REUSEADDR of the socket behind `ctx`, for program types that may call
-/// bpf_getsockopt (sock_ops, and cgroup bind4/6).
+/// SO_REUSEADDR of the socket behind `ctx`, where this hook may call
+/// bpf_getsockopt on the running kernel (sock_ops always; cgroup bind4/6
+/// from 5.13); unknown otherwise, which counts as blocking.
 #[inline(always)]
-fn reuse_of<C: EbpfContext>(ctx: &C) -> u8 {
+fn reuse_of<C: EbpfContext>(ctx: &C, feat: u32) -> u8 {
+    if feat & FEAT_GETSOCKOPT == 0 {
+        return REUSE_UNKNOWN;
+    }
     let mut val: i32 = 0;
     // SAFETY: the helper writes at most 4 bytes into `val`.
     let rc = unsafe { bpf_getsockopt(ctx.as_ptr(), SOL_SOCKET, SO_REUSEADDR, (&mut val as *mut i32).cast(), 4) };
@@ -190,8 +198,8 @@ fn pre_bind(ctx: &SockAddrContext) -> i32 {
     let feat = FEAT_BIND.load();
     // SAFETY: ctx is valid for the helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if !matches!(netns_of(ctx, feat, cookie), Netns::Other) {
-        let _ = REUSE.insert(cookie, reuse_of(ctx), 0);
+    if !matches!(netns_of(ctx, feat, cookie), Netns::Other) && feat & FEAT_GETSOCKOPT != 0 {
+        let _ = REUSE.insert(cookie, reuse_of(ctx, feat), 0);
     }
     1 // allow: we observe, never enforce
 }
@@ -354,7 +362,7 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
             false
         }
     };
-    e.reuse = reuse_of(&ctx);
+    e.reuse = reuse_of(&ctx, feat);
     let mut e = with_task(e, feat);
     if kind == EventKind::Listen && watched {
         track(&mut e);
@@ -362,6 +370,90 @@ pub fn sock_ops(ctx: SockOpsContext) -> u32 {
     }
     submit(&e);
     1
+}
+
+const S_IFMT: u16 = 0o170000;
+const S_IFSOCK: u16 = 0o140000;
+const IPPROTO_TCP_U16: u16 = IPPROTO_TCP as u16;
+
+/// Reads a `T` at `base + off` in kernel memory; None when it cannot.
+#[inline(always)]
+fn kread<T>(base: u64, off: u32) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel checks the address; a bad one is an error.
+    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel((base + u64::from(off)) as *const T) }.ok()
+}
+
+/// The socket iterator: for each open file of each task, a TCP socket of the
+/// watched namespace that is bound but neither listening nor connected.
+/// sock_diag lists those only from Linux 6.5; before, this is how the daemon
+/// sees them (the ones bound before it started included), at full resyncs.
+/// Everything is read through bpf_probe_read_kernel at offsets the daemon
+/// computed from BTF, so the verifier sees plain numbers, the same on every
+/// kernel.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task_file")]
+pub fn bound_sockets(ctx: *mut core::ffi::c_void) -> i32 {
+    let o = ITER_OFFSETS.load();
+    let base = ctx as u64;
+    // struct bpf_iter__task_file { meta; task; u32 fd; file; } (u64 slots)
+    let (Some(task), Some(file)) = (kread::<u64>(base, 8), kread::<u64>(base, 24)) else {
+        return 0;
+    };
+    if task == 0 || file == 0 || o.watched_netns_inum == 0 {
+        return 0;
+    }
+    let Some(inode) = kread::<u64>(file, o.file_inode) else { return 0 };
+    let Some(mode) = kread::<u16>(inode, o.inode_mode) else { return 0 };
+    if mode & S_IFMT != S_IFSOCK {
+        return 0;
+    }
+    let Some(sock) = kread::<u64>(file, o.file_private_data) else { return 0 };
+    let Some(sk) = kread::<u64>(sock, o.socket_sk) else { return 0 };
+    if sk == 0 {
+        return 0;
+    }
+    let family = kread::<u16>(sk, o.sk_family).unwrap_or(0) as u8;
+    let protocol = kread::<u16>(sk, o.sk_protocol).unwrap_or(0);
+    let state = kread::<u8>(sk, o.sk_state).unwrap_or(0);
+    let port = kread::<u16>(sk, o.sk_num).unwrap_or(0);
+    // CLOSE with a local port: in the bind hash, not listening or connected.
+    if !(family == AF_INET || family == AF_INET6) || protocol != IPPROTO_TCP_U16 || state != TCP_CLOSE || port == 0 {
+        return 0;
+    }
+    let Some(net) = kread::<u64>(sk, o.sk_net) else { return 0 };
+    if kread::<u32>(net, o.net_ns_inum) != Some(o.watched_netns_inum) {
+        return 0;
+    }
+    let mut r = IterRecord {
+        cookie: kread::<u64>(sk, o.sk_cookie).unwrap_or(0),
+        ino: kread::<u64>(inode, o.inode_ino).unwrap_or(0),
+        tgid: kread::<u32>(task, o.task_tgid).unwrap_or(0),
+        port,
+        family,
+        ..IterRecord::default()
+    };
+    if family == AF_INET {
+        if let Some(a) = kread::<[u8; 4]>(sk, o.sk_rcv_saddr) {
+            r.addr[..4].copy_from_slice(&a);
+        }
+    } else if let Some(a) = kread::<[u8; 16]>(sk, o.sk_v6_rcv_saddr) {
+        r.addr = a;
+    }
+    if let Some(c) = kread::<[u8; 16]>(task, o.task_comm) {
+        r.comm = c;
+    }
+    // SAFETY: ctx->meta (offset 0) and meta->seq (offset 0) are the kernel's
+    // typed pointers, loaded as such so the verifier knows the seq_file.
+    unsafe {
+        let meta = *(ctx as *const *const *mut aya_ebpf::bindings::seq_file);
+        let seq = *meta;
+        aya_ebpf::helpers::generated::bpf_seq_write(
+            seq,
+            (&r as *const IterRecord).cast(),
+            core::mem::size_of::<IterRecord>() as u32,
+        );
+    }
+    0
 }
 
 #[cfg(not(test))]

@@ -361,13 +361,13 @@ fn evaluate(v: &EngineVersion, runtimes: &[Runtime]) -> VersionView {
 /// rescan; the stream is re-opened with backoff while dockerd is away.
 async fn docker_events_task(socket: PathBuf, tx: mpsc::Sender<()>, shutdown: CancellationToken) {
     let rt = DockerRuntime::new(socket);
-    let mut attempt = 0u32;
+    let mut backoff = crate::retry::Backoff::with(Duration::from_millis(500), Duration::from_secs(10));
     loop {
         if let Ok(docker) = rt.client().await {
             let filters = std::collections::HashMap::from([("type".to_owned(), vec!["image".to_owned()])]);
             let opts = bollard::query_parameters::EventsOptions { filters: Some(filters), ..Default::default() };
             let mut events = docker.events(Some(opts));
-            attempt = 0;
+            backoff.reset();
             // A (re)connected stream may have missed events: rescan once.
             let _ = tx.try_send(());
             loop {
@@ -382,8 +382,7 @@ async fn docker_events_task(socket: PathBuf, tx: mpsc::Sender<()>, shutdown: Can
             // The stream ended: dockerd went away. Rescan so it shows.
             let _ = tx.try_send(());
         }
-        let wait = crate::kube::client::backoff(attempt).min(Duration::from_secs(10));
-        attempt = attempt.saturating_add(1);
+        let wait = backoff.next_wait();
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(wait) => {}

@@ -47,7 +47,8 @@ async fn request_check_core_version(State(st): State<AppState>) -> Response {
     if let Err(e) = st.engines.rescan().await {
         return fail(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
     }
-    if let Some(bus) = &st.rescan_bus {
+    if let Some((_, publishing)) = &st.kube {
+        let bus = &publishing.rescan_bus;
         if let Err(e) = bus.request().await {
             return fail(StatusCode::BAD_GATEWAY, &format!("rescanned here; could not ask the other nodes: {e}"));
         }
@@ -90,7 +91,7 @@ async fn get_standby_ip(State(st): State<AppState>, RawQuery(q): RawQuery) -> Re
             return fail(StatusCode::BAD_REQUEST, &format!("{what} {v:?} is not a valid Kubernetes name"));
         }
     }
-    let Some(cluster) = &st.cluster else {
+    let Some((cluster, _)) = &st.kube else {
         return fail(StatusCode::SERVICE_UNAVAILABLE, "no cluster configured: running standalone");
     };
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &namespace);

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use self::error::ApiError;
 use crate::{
     engines::{EngineState, Engines},
-    kube::{engines::RescanBus, Cluster, ClusterView},
+    kube::{Cluster, ClusterView, Publishing},
     logs::SweepHandle,
     network::NetworkState,
     ports::Ports,
@@ -33,10 +33,8 @@ pub struct AppState {
     pub ports: Ports,
     pub network: watch::Receiver<NetworkState>,
     pub engines: Engines,
-    /// Reaches every daemon; None in standalone mode.
-    pub rescan_bus: Option<RescanBus>,
-    /// None in standalone mode.
-    pub cluster: Option<Cluster>,
+    /// The cluster's inputs and the Kubernetes sinks; None in standalone mode.
+    pub kube: Option<(Cluster, Publishing)>,
     pub logs: SweepHandle,
     pub sweep_policy: logs::HttpSweepPolicy,
     pub shutdown: CancellationToken,
@@ -76,17 +74,17 @@ async fn healthz() -> Json<serde_json::Value> {
 /// make the daemon unready: it still serves local state; the body says how
 /// publishing fares.
 async fn readyz(State(st): State<AppState>) -> Response {
-    let table = st.ports.read();
-    let kubernetes = st.cluster.as_ref().map_or_else(
+    let status = st.ports.status().borrow().clone();
+    let kubernetes = st.kube.as_ref().map_or_else(
         || json!({"mode": "standalone"}),
-        |c| {
-            let usage = c.port_usage.borrow();
+        |(c, p)| {
+            let usage = p.port_usage.borrow();
             json!({"mode": "cluster", "node": c.node, "settings_synced": c.settings.borrow().synced,
                    "port_usage_pending": usage.pending, "last_error": usage.last_error})
         },
     );
-    let body = json!({ "ready": table.status.ready, "ports": table.status, "kubernetes": kubernetes });
-    let code = if table.status.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = json!({ "ready": status.ready, "ports": status, "kubernetes": kubernetes });
+    let code = if status.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(body)).into_response()
 }
 
@@ -102,7 +100,7 @@ async fn metrics(State(st): State<AppState>) -> Response {
     st.ports.render_metrics(&mut out);
     st.logs.render_metrics(&mut out);
     st.engines.state.borrow().render_metrics(&mut out);
-    if let Some(c) = &st.cluster {
+    if let Some((c, _)) = &st.kube {
         c.metrics.render(&mut out);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
@@ -111,7 +109,7 @@ async fn metrics(State(st): State<AppState>) -> Response {
 /// The cluster side: mode, settings read from the cluster, this node's
 /// hostPorts, and how publishing fares.
 async fn kubernetes(State(st): State<AppState>) -> Json<ClusterView> {
-    Json(Cluster::view(st.cluster.as_ref()))
+    Json(ClusterView::of(st.kube.as_ref().map(|(c, p)| (c, p))))
 }
 
 /// The client NIC: state, addresses, the chosen client IP, last change.

@@ -1,6 +1,8 @@
 //! `/api/v2/ports`: the live port map, one port, free ports, and a watch
-//! stream of ports becoming taken or free.
-use std::{collections::BTreeMap, convert::Infallible, net::IpAddr, ops::RangeInclusive, time::SystemTime};
+//! stream of ports becoming taken or free. Every answer comes from the ports
+//! domain's occupancy verdict ([`Ports::detail`], [`Ports::free`]); nothing
+//! here decides what "taken" means.
+use std::{collections::BTreeMap, convert::Infallible, net::IpAddr, time::SystemTime};
 
 use axum::{
     extract::{Path, RawQuery, State},
@@ -18,13 +20,17 @@ use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
 
 use super::{error::ApiError, query::Params, AppState};
 use crate::{
-    kube::pods::HostPort,
     ports::{
         model::{Family, Proto, SockState, Socket, Source},
-        PortTable, Ports,
+        occupancy::Verdict,
+        ChangeKind, Ports, SocketFilter, Status,
     },
     time::rfc3339_millis,
 };
+
+/// Sockets a listing page holds at most by default, and at the most.
+const PAGE_DEFAULT: usize = 1000;
+const PAGE_MAX: usize = 10_000;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -52,53 +58,42 @@ struct Entry {
 
 #[derive(Serialize, PartialEq, Eq, PartialOrd, Ord)]
 struct OwnerView {
-    pid: u32,
-    comm: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    comm: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     container: Option<String>,
-}
-
-struct Filter {
-    protos: Vec<Proto>,
-    family: Option<Family>,
-    state: Option<SockState>,
-    range: RangeInclusive<u16>,
 }
 
 const PROTO_EXPECTED: &str = "tcp or udp";
 const FAMILY_EXPECTED: &str = "ipv4 or ipv6";
 const STATE_EXPECTED: &str = "a socket state such as listen, bound, established or time_wait";
 
-impl Filter {
-    fn from_params(p: &Params) -> Result<Self, ApiError> {
-        let proto: Option<Proto> = p.opt("proto", PROTO_EXPECTED)?;
-        let from = p.port("from")?.unwrap_or(1);
-        let to = p.port("to")?.unwrap_or(u16::MAX);
-        if from > to {
-            return Err(ApiError::BadParam {
-                param: "to",
-                value: to.to_string(),
-                reason: format!("must not be below from ({from})"),
-            });
-        }
-        Ok(Self {
-            protos: proto.map_or(Proto::ALL.to_vec(), |p| vec![p]),
-            family: p.opt("family", FAMILY_EXPECTED)?,
-            state: p.opt("state", STATE_EXPECTED)?,
-            range: from..=to,
-        })
+fn filter(p: &Params) -> Result<SocketFilter, ApiError> {
+    let proto: Option<Proto> = p.opt("proto", PROTO_EXPECTED)?;
+    let from = p.port("from")?.unwrap_or(1);
+    let to = p.port("to")?.unwrap_or(u16::MAX);
+    if from > to {
+        return Err(ApiError::BadParam {
+            param: "to",
+            value: to.to_string(),
+            reason: format!("must not be below from ({from})"),
+        });
     }
-
-    fn keeps(&self, s: &Socket) -> bool {
-        self.family.is_none_or(|f| f == s.family) && self.state.is_none_or(|st| st == s.state)
-    }
+    Ok(SocketFilter {
+        protos: proto.map_or(Proto::ALL.to_vec(), |p| vec![p]),
+        family: p.opt("family", FAMILY_EXPECTED)?,
+        state: p.opt("state", STATE_EXPECTED)?,
+        range: from..=to,
+    })
 }
 
 /// What makes sockets one entry: protocol, port, family, address, state, blocking.
 type GroupKey = (Proto, u16, Family, IpAddr, SockState, bool);
 
-fn entries<'a>(ports: &Ports, sockets: impl Iterator<Item = &'a Socket>) -> Vec<Entry> {
-    let mut groups: BTreeMap<GroupKey, Vec<&Socket>> = BTreeMap::new();
+fn entries(ports: &Ports, sockets: Vec<Socket>) -> Vec<Entry> {
+    let mut groups: BTreeMap<GroupKey, Vec<Socket>> = BTreeMap::new();
     for s in sockets {
         groups.entry((s.proto, s.port, s.family, s.addr, s.state, s.blocks())).or_default().push(s);
     }
@@ -110,13 +105,17 @@ fn entries<'a>(ports: &Ports, sockets: impl Iterator<Item = &'a Socket>) -> Vec<
                 .filter_map(|s| {
                     let o = s.owner.as_ref()?;
                     let cgroup = if o.cgroup_id != 0 { o.cgroup_id } else { s.sock_cgroup_id };
-                    Some(OwnerView { pid: o.pid, comm: o.comm.clone(), container: ports.containers.lookup(cgroup) })
+                    Some(OwnerView {
+                        pid: (o.pid != 0).then_some(o.pid),
+                        comm: (!o.comm.is_empty()).then(|| o.comm.clone()),
+                        container: ports.container_of(cgroup),
+                    })
                 })
                 .collect();
             owners.sort();
             owners.dedup();
             let first_seen = socks.iter().map(|s| s.first_seen).min().unwrap_or(SystemTime::UNIX_EPOCH);
-            let source = if socks.iter().any(|s| s.source == Source::Event) { Source::Event } else { Source::Snapshot };
+            let source = if socks.iter().any(|s| s.source == Source::Event) { Source::Event } else { socks[0].source };
             Entry {
                 proto,
                 family,
@@ -135,34 +134,48 @@ fn entries<'a>(ports: &Ports, sockets: impl Iterator<Item = &'a Socket>) -> Vec<
 
 /// `complete`: nothing transient (start-up, lost events) keeps the map from
 /// being whole; `certain`, per protocol: a port of that protocol the map does
-/// not list is free (complete, and no blind spot of this kernel could hide
-/// a socket of that protocol).
-fn status_json(table: &PortTable) -> serde_json::Value {
-    let complete = table.status.certain();
-    let certain = |p: Proto| complete && table.status.blind_spot_for(p).is_none();
+/// not list is free (complete, and no blind spot of this kernel could hide a
+/// socket of that protocol). Claims (hostPorts, ...) are listed at
+/// `/api/v2/ports/{port}` and `/api/v2/kubernetes`.
+fn status_json(status: &Status) -> serde_json::Value {
+    let complete = status.certain();
+    let certain = |p: Proto| complete && status.blind_spot_for(p).is_none();
     json!({
         "complete": complete,
         "certain": {"tcp": certain(Proto::Tcp), "udp": certain(Proto::Udp)},
-        "status": table.status,
+        "status": status,
     })
 }
 
+/// The map, a page at a time: `limit` sockets (whole ports), and `next` to
+/// pass as `after` for the following page.
 async fn list(State(st): State<AppState>, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
-    let params = Params::parse(q.as_deref(), &["proto", "family", "from", "to", "state"])?;
-    let filter = Filter::from_params(&params)?;
-    let ports = &st.ports;
-    let body = {
-        let table = ports.read();
-        let picked = filter
-            .protos
-            .iter()
-            .flat_map(|p| table.map.sockets_in(*p, filter.range.clone()))
-            .filter(|s| filter.keeps(s));
-        let mut body = status_json(&table);
-        body["ports"] = json!(entries(ports, picked));
-        body
-    };
+    let params = Params::parse(q.as_deref(), &["proto", "family", "from", "to", "state", "limit", "after"])?;
+    let f = filter(&params)?;
+    let limit: usize = params.opt("limit", "a number from 1 to 10000")?.unwrap_or(PAGE_DEFAULT);
+    if !(1..=PAGE_MAX).contains(&limit) {
+        return Err(ApiError::BadParam {
+            param: "limit",
+            value: limit.to_string(),
+            reason: format!("expected a number from 1 to {PAGE_MAX}"),
+        });
+    }
+    let after = params.opt::<String>("after", "proto:port, as `next` gave it")?.map(|a| parse_after(&a)).transpose()?;
+    let (sockets, next) = st.ports.sockets(&f, after, limit);
+    let mut body = status_json(&st.ports.status().borrow());
+    body["ports"] = json!(entries(&st.ports, sockets));
+    body["next"] = json!(next.map(|(p, port)| format!("{p}:{port}")));
     Ok(Json(body).into_response())
+}
+
+fn parse_after(a: &str) -> Result<(Proto, u16), ApiError> {
+    let bad = || ApiError::BadParam {
+        param: "after",
+        value: a.into(),
+        reason: "expected proto:port, as `next` gave it".into(),
+    };
+    let (p, port) = a.split_once(':').ok_or_else(bad)?;
+    Ok((p.parse().map_err(|()| bad())?, port.parse().map_err(|_| bad())?))
 }
 
 async fn one(
@@ -182,48 +195,25 @@ async fn one(
     };
     let params = Params::parse(q.as_deref(), &["proto"])?;
     let protos = params.opt::<Proto>("proto", PROTO_EXPECTED)?.map_or(Proto::ALL.to_vec(), |p| vec![p]);
-    let table = st.ports.read();
-    let found: Vec<&Socket> = protos.iter().flat_map(|p| table.map.sockets_on((*p, port))).collect();
-    let host_ports = host_ports_on(&st, &protos, port);
-    let taken = protos.iter().any(|p| table.map.is_taken((*p, port))) || !host_ports.is_empty();
-    let complete = table.status.certain() && host_ports_known(&st);
-    // A port held by a socket whose release cannot be observed may be free
-    // by now; a port no known socket holds may hide in a blind spot.
-    let unverifiable = protos.iter().any(|p| table.status.unverifiable.contains(&(*p, port)));
-    let blind = protos.iter().find_map(|p| table.status.blind_spot_for(*p)).filter(|_| !taken);
-    let certain = complete && !unverifiable && blind.is_none();
+    let d = st.ports.detail(&protos, port);
     let mut body = json!({
         "port": port,
-        // Never say free when unsure: absent but uncertain reads busy.
-        "taken": taken || !certain,
-        "certain": certain,
-        "entries": entries(&st.ports, found.into_iter()),
-        "host_ports": host_ports,
+        "verdict": d.verdict.name(),
+        // Never say free when unsure: anything but a certain free reads taken.
+        "taken": d.verdict.reads_taken(),
+        "certain": !matches!(d.verdict, Verdict::Unsure(_)),
+        "entries": entries(&st.ports, d.sockets),
+        "claims": d.claims,
     });
-    if !complete {
-        body["reason"] = json!(
-            "the port map is not complete yet (starting, resyncing after lost events, or this node's pods not listed yet)"
-        );
-    } else if let Some(b) = blind {
-        body["reason"] = json!(b.reason());
-    } else if unverifiable {
-        body["reason"] = json!("held by a bound socket whose close this kernel cannot report (tracking table full)");
+    match &d.verdict {
+        Verdict::Taken(reasons) => body["reasons"] = json!(reasons),
+        Verdict::Unsure(u) => {
+            body["unsure"] = json!(u);
+            body["reason"] = json!(u.reason());
+        }
+        Verdict::Free => {}
     }
     Ok(Json(body).into_response())
-}
-
-/// hostPorts of pods on this node on `port` (a source beside sockets: the
-/// port is taken though no host socket holds it). Empty when standalone.
-fn host_ports_on(st: &AppState, protos: &[Proto], port: u16) -> Vec<HostPort> {
-    let Some(c) = &st.cluster else { return Vec::new() };
-    let host = c.host_ports.borrow();
-    host.ports.iter().filter(|h| h.port == port && protos.contains(&h.proto)).cloned().collect()
-}
-
-/// In a cluster, hostPorts are taken ports too: until this node's pods are
-/// listed, no port can be promised free.
-fn host_ports_known(st: &AppState) -> bool {
-    st.cluster.as_ref().is_none_or(|c| c.host_ports.borrow().synced)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -264,31 +254,21 @@ async fn free(State(st): State<AppState>, RawQuery(q): RawQuery) -> Result<Respo
             reason: "expected a number from 1 to 65535".into(),
         });
     }
-    let proto = params.opt::<FreeProto>("proto", "tcp, udp or both")?.unwrap_or(FreeProto::Tcp);
-    let protos: &[Proto] = match proto {
+    let protos: &[Proto] = match params.opt::<FreeProto>("proto", "tcp, udp or both")?.unwrap_or(FreeProto::Tcp) {
         FreeProto::Tcp => &[Proto::Tcp],
         FreeProto::Udp => &[Proto::Udp],
         FreeProto::Both => &Proto::ALL,
     };
-    let table = st.ports.read();
-    if !table.status.certain() || !host_ports_known(&st) {
-        return Err(ApiError::Unavailable(
-            "the port map is not complete yet (starting, resyncing after lost events, or this node's pods not listed \
-             yet); no port can be promised free"
-                .into(),
-        ));
-    }
-    let host = st.cluster.as_ref().map(|c| c.host_ports.borrow().clone()).unwrap_or_default();
-    let free: Vec<u16> = (from..=to)
-        .filter(|p| protos.iter().all(|proto| !table.map.is_taken((*proto, *p)) && !host.contains(*proto, *p)))
-        .take(count)
-        .collect();
-    // A blind spot of this kernel (not a transient state) leaves the answer
-    // useful but not a promise: say so rather than refuse for ever.
-    let mut body = json!({ "from": from, "to": to, "ports": free, "certain": true });
-    if let Some(b) = protos.iter().find_map(|p| table.status.blind_spot_for(*p)) {
-        body["certain"] = json!(false);
-        body["reason"] = json!(b.reason());
+    // A transient condition (start-up, resync, an input not read yet) is a
+    // 503 to retry; a blind spot of this kernel is lasting, so the answer
+    // comes with `certain: false` and the reason rather than never.
+    let found = st
+        .ports
+        .free(protos, from..=to, count)
+        .map_err(|u| ApiError::Unavailable(format!("{}; no port can be promised free", u.reason())))?;
+    let mut body = json!({ "from": from, "to": to, "ports": found.ports, "certain": found.caveat.is_none() });
+    if let Some(u) = found.caveat {
+        body["reason"] = json!(u.reason());
     }
     Ok(Json(body).into_response())
 }
@@ -298,17 +278,23 @@ async fn watch(
     RawQuery(q): RawQuery,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let params = Params::parse(q.as_deref(), &["proto", "from", "to"])?;
-    let filter = Filter::from_params(&params)?;
+    let f = filter(&params)?;
     let shutdown = st.shutdown.clone();
     let stream = BroadcastStream::new(st.ports.subscribe())
         .filter_map(move |item| {
             let out = match item {
-                Ok(c) if filter.protos.contains(&c.proto) && filter.range.contains(&c.port) => Some(
-                    SseEvent::default()
-                        .event(c.change)
-                        .json_data(json!({"proto": c.proto, "port": c.port, "at": rfc3339_millis(c.at)}))
-                        .unwrap_or_default(),
-                ),
+                Ok(c) if f.protos.contains(&c.proto) && f.range.contains(&c.port) => {
+                    let name = match c.kind {
+                        ChangeKind::Taken => "taken",
+                        ChangeKind::Freed => "freed",
+                    };
+                    Some(
+                        SseEvent::default()
+                            .event(name)
+                            .json_data(json!({"proto": c.proto, "port": c.port, "at": rfc3339_millis(c.at)}))
+                            .unwrap_or_default(),
+                    )
+                }
                 Ok(_) => None,
                 // The client fell behind: say so, so it can re-read the map.
                 Err(BroadcastStreamRecvError::Lagged(n)) => {

@@ -5,7 +5,7 @@ use std::{
     fmt::Write as _,
     path::PathBuf,
     sync::{
-        atomic::{AtomicI64, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         Mutex,
     },
     time::Duration,
@@ -89,14 +89,6 @@ pub async fn client(access: &Access) -> Result<kube::Client, ClientError> {
 /// See [`client`]: the longest an answer (or a watch event) may take.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(320);
 
-/// Waits before retry `attempt` (0-based): exponential from 500 ms, capped at
-/// 30 s, with ±50% jitter so a fleet of daemons does not retry in step after
-/// an API outage.
-pub fn backoff(attempt: u32) -> Duration {
-    let base = Duration::from_millis(500).saturating_mul(1u32 << attempt.min(6)).min(Duration::from_secs(30));
-    base.mul_f64(0.5 + fastrand::f64())
-}
-
 /// Why a call to the API server did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -156,9 +148,8 @@ pub struct ApiMetrics {
     write_count: AtomicU64,
     /// Watch streams' errors by resource (each one retried with backoff).
     watch_errors: Mutex<BTreeMap<&'static str, u64>>,
-    /// 1 while the port-usage ConfigMap differs from what should be published.
-    pub port_usage_pending: AtomicI64,
-    pub node_status_pending: AtomicI64,
+    /// Objects that differ from what should be published, by name.
+    pending: Mutex<BTreeMap<&'static str, bool>>,
 }
 
 impl ApiMetrics {
@@ -175,6 +166,12 @@ impl ApiMetrics {
     pub fn write_latency(&self, d: Duration) {
         self.write_seconds_sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
         self.write_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether `object` (port_usage, node_status, availability) differs from
+    /// what the daemon wants to publish.
+    pub fn set_pending(&self, object: &'static str, pending: bool) {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(object, pending);
     }
 
     pub fn watch_error(&self, resource: &'static str) {
@@ -220,15 +217,19 @@ impl ApiMetrics {
              polarstack_kube_write_duration_seconds_sum {sum}\n\
              polarstack_kube_write_duration_seconds_count {count}"
         );
+        let pending: Vec<(String, f64)> = {
+            let m = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            ["port_usage", "node_status", "availability"]
+                .iter()
+                .map(|o| (format!("object=\"{o}\""), f64::from(u8::from(m.get(o).copied().unwrap_or(false)))))
+                .collect()
+        };
         write_metric(
             out,
             "polarstack_kube_publish_pending",
             "1 while an object in Kubernetes differs from what the daemon wants to publish.",
             MetricKind::Gauge,
-            &[
-                ("object=\"port_usage\"".into(), self.port_usage_pending.load(Ordering::Relaxed) as f64),
-                ("object=\"node_status\"".into(), self.node_status_pending.load(Ordering::Relaxed) as f64),
-            ],
+            &pending,
         );
     }
 }
@@ -236,16 +237,6 @@ impl ApiMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_is_capped_and_jittered() {
-        for attempt in 0..20 {
-            let d = backoff(attempt);
-            let base = (500u64 << attempt.min(6)).min(30_000) as f64;
-            assert!(d.as_millis() as f64 >= base * 0.5 - 1.0 && d.as_millis() as f64 <= base * 1.5 + 1.0, "{d:?}");
-        }
-        assert!(backoff(30) <= Duration::from_secs(45));
-    }
 
     #[test]
     fn standalone_without_kubeconfig_master_or_pod() {

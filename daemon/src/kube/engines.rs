@@ -13,25 +13,28 @@ use std::{
     time::SystemTime,
 };
 
-use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     api::{Patch, PatchParams},
     runtime::watcher,
     Api,
 };
-use serde_json::json;
+use serde_json::{json, Map, Value};
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    client::{backoff, call, ApiMetrics, CallError},
-    mirror, FIELD_MANAGER, NAMESPACE,
+    client::{call, ApiMetrics, CallError},
+    mirror,
+    owned::NodeOwned,
+    FIELD_MANAGER, NAMESPACE,
 };
 use crate::{
     engines::{
         versions::{self, EngineVersion},
         Availability, EngineState, Engines,
     },
+    retry::Backoff,
     time::utc_seconds,
 };
 
@@ -167,17 +170,13 @@ pub fn spawn_bus(
 
 /// Publishes the availability ConfigMap.
 pub struct AvailabilityPublisher {
-    pub api: Api<ConfigMap>,
-    pub nodes: Api<Node>,
-    pub node: String,
+    pub object: NodeOwned,
     pub state: watch::Receiver<EngineState>,
     pub versions_synced: watch::Receiver<bool>,
-    pub metrics: Arc<ApiMetrics>,
 }
 
 impl AvailabilityPublisher {
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let name = availability_name(&self.node);
         // Nothing is written before the version ConfigMaps are listed and a
         // scan has run: an early write would say "no versions" after every
         // restart.
@@ -194,11 +193,16 @@ impl AvailabilityPublisher {
         }
         // What the ConfigMap said before this process: versions whose runtime
         // is down right now stay listed as they were.
-        let mut kept = self.existing(&name).await;
+        let mut kept: BTreeSet<String> = self
+            .object
+            .current_data()
+            .await
+            .and_then(|d| d.get("existingVersions").cloned())
+            .map(|v| v.split(',').filter(|n| !n.is_empty()).map(str::to_owned).collect())
+            .unwrap_or_default();
         let mut published: Option<BTreeSet<String>> = None;
         let mut published_requests = 0u64;
-        let mut owner = None;
-        let mut attempt = 0u32;
+        let mut backoff = Backoff::new();
         loop {
             let (want, requested) = {
                 let st = self.state.borrow_and_update();
@@ -214,35 +218,24 @@ impl AvailabilityPublisher {
                 (want, st.requested_scans)
             };
             if published.as_ref() != Some(&want) || requested != published_requests {
-                if owner.is_none() {
-                    owner = super::node_owner(&self.nodes, &self.node, &self.metrics).await;
-                }
-                let mut metadata = json!({"name": name, "namespace": NAMESPACE});
-                if let Some(o) = &owner {
-                    metadata["ownerReferences"] = json!([o]);
-                }
-                let body = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata,
-                    "data": {"existingVersions": want.iter().cloned().collect::<Vec<_>>().join(","),
-                             "checkTime": utc_seconds(SystemTime::now())}});
-                let params = PatchParams::apply(FIELD_MANAGER).force();
-                let res =
-                    call(&self.metrics, "apply", "configmaps", self.api.patch(&name, &params, &Patch::Apply(&body)))
-                        .await;
-                match res {
+                self.object.set_pending(true);
+                let mut data = Map::new();
+                data.insert("existingVersions".into(), Value::from(want.iter().cloned().collect::<Vec<_>>().join(",")));
+                data.insert("checkTime".into(), Value::from(utc_seconds(SystemTime::now())));
+                match self.object.apply(data, Map::new()).await {
                     Ok(_) => {
-                        tracing::info!(configmap = %name, versions = ?want, "engine availability published");
+                        tracing::info!(configmap = %self.object.name(), versions = ?want, "engine availability published");
+                        self.object.set_pending(false);
                         kept = want.clone();
                         published = Some(want);
                         published_requests = requested;
-                        attempt = 0;
+                        backoff.reset();
                     }
                     Err(e) => {
-                        tracing::warn!(configmap = %name, error = %e, "publishing engine availability failed");
-                        let wait = backoff(attempt);
-                        attempt = attempt.saturating_add(1);
+                        tracing::warn!(configmap = %self.object.name(), error = %e, "publishing engine availability failed");
                         tokio::select! {
                             () = shutdown.cancelled() => return,
-                            () = tokio::time::sleep(wait) => {}
+                            () = tokio::time::sleep(backoff.next_wait()) => {}
                         }
                         continue;
                     }
@@ -252,19 +245,6 @@ impl AvailabilityPublisher {
                 () = shutdown.cancelled() => return,
                 r = self.state.changed() => if r.is_err() { return },
             }
-        }
-    }
-
-    /// `existingVersions` as the ConfigMap has it now (empty when absent or unreadable).
-    async fn existing(&self, name: &str) -> BTreeSet<String> {
-        match call(&self.metrics, "get", "configmaps", self.api.get_opt(name)).await {
-            Ok(Some(cm)) => cm
-                .data
-                .as_ref()
-                .and_then(|d| d.get("existingVersions"))
-                .map(|v| v.split(',').filter(|n| !n.is_empty()).map(str::to_owned).collect())
-                .unwrap_or_default(),
-            _ => BTreeSet::new(),
         }
     }
 }

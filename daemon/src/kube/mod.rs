@@ -8,16 +8,24 @@
 //! HTTP keeps serving local state, and the current state is published once
 //! it answers.
 //!
-//! Layout: [`client`] (which cluster, the client, backoff, metrics),
-//! [`mirror`] (a watched set of objects), [`settings`] (the three input
-//! ConfigMaps), [`ranges`] (port-range annotations), [`pods`] (hostPorts on
-//! this node, live instance ids), [`port_usage`] (the ConfigMap sink),
-//! [`node_status`] (the node-condition writer), [`engines`] (version
-//! ConfigMaps in, availability out, the cluster-wide rescan bus).
+//! Two halves, started apart so the wiring reads sources -> state -> sinks:
+//! [`connect`] starts the inputs ([`Cluster`]: settings, this node's pods,
+//! live instance ids, engine versions), which the domains are given;
+//! [`Cluster::publish`] starts the sinks ([`Publishing`]) once the domains
+//! run, reading only their published state.
+//!
+//! Layout: [`client`] (which cluster, the client, metrics), [`mirror`] (a
+//! watched set of objects), [`settings`] (the three input ConfigMaps),
+//! [`ranges`] (port-range annotations), [`pods`] (hostPorts on this node,
+//! live instance ids), [`owned`] (writing a node-owned ConfigMap),
+//! [`port_usage`] (the port-usage ConfigMap), [`node_status`] (the
+//! node-condition writer), [`engines`] (version ConfigMaps in, availability
+//! out, the cluster-wide rescan bus).
 pub mod client;
 pub mod engines;
 pub mod mirror;
 pub mod node_status;
+pub mod owned;
 pub mod pods;
 pub mod port_usage;
 pub mod ranges;
@@ -25,7 +33,7 @@ pub mod settings;
 
 use std::{sync::Arc, time::Duration};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -33,14 +41,23 @@ use tokio_util::sync::CancellationToken;
 
 pub use self::client::{Access, ApiMetrics, ClientError};
 use self::{
-    node_status::{NodeConditions, NodeStatusState},
-    pods::{HostPorts, LiveInsIds},
-    port_usage::PublishState,
+    engines::RescanBus,
+    node_status::NodeStatusState,
+    owned::NodeOwned,
+    pods::LiveInsIds,
+    port_usage::{PublishState, Timing},
     settings::Settings,
 };
-use crate::ports::Ports;
+use crate::{
+    engines::{versions::EngineVersion, Engines},
+    network::{NetworkState, NicConfig},
+    ports::{
+        occupancy::{ClaimSet, ClaimSource},
+        ClaimInputs, Ports,
+    },
+};
 
-/// Everything the daemon reads and writes lives here (COMPAT.md).
+/// Everything the daemon reads and writes lives here (docs/compat.md).
 pub const NAMESPACE: &str = "kube-system";
 /// The field manager of every write, so `managedFields` name this daemon.
 pub const FIELD_MANAGER: &str = "polarstack-daemon";
@@ -69,8 +86,7 @@ pub struct ClusterConfig {
     pub publish_min_interval: Duration,
 }
 
-/// A running cluster connection: read handles for the HTTP sink and the
-/// other domains.
+/// The cluster's inputs, watched: what the sources and domains are told.
 #[derive(Clone)]
 pub struct Cluster {
     pub node: String,
@@ -78,17 +94,25 @@ pub struct Cluster {
     pub client: kube::Client,
     pub metrics: Arc<ApiMetrics>,
     pub settings: watch::Receiver<Settings>,
-    pub host_ports: watch::Receiver<HostPorts>,
-    pub port_usage: watch::Receiver<PublishState>,
-    pub node_status: watch::Receiver<NodeStatusState>,
-    pub conditions: NodeConditions,
+    /// hostPorts of this node's pods (a claim source of the ports domain).
+    pub host_ports: watch::Receiver<ClaimSet>,
     pub live_instances: Arc<LiveInsIds>,
-    pub versions: watch::Receiver<Vec<crate::engines::versions::EngineVersion>>,
+    pub versions: watch::Receiver<Vec<EngineVersion>>,
     /// The version ConfigMaps have been listed once.
     pub versions_synced: watch::Receiver<bool>,
+    cfg: ClusterConfig,
 }
 
-/// What `/api/v2/kubernetes` and `/readyz` show.
+/// The Kubernetes sinks, running: their state for the HTTP API.
+#[derive(Clone)]
+pub struct Publishing {
+    pub port_usage: watch::Receiver<PublishState>,
+    pub node_status: watch::Receiver<NodeStatusState>,
+    /// Reaches every daemon (RequestCheckCoreVersion).
+    pub rescan_bus: RescanBus,
+}
+
+/// What `/api/v2/kubernetes` shows.
 #[derive(Serialize)]
 pub struct ClusterView {
     pub mode: &'static str,
@@ -97,15 +121,15 @@ pub struct ClusterView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub settings: Option<Settings>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub host_ports: Option<HostPorts>,
+    pub host_ports: Option<ClaimSet>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port_usage: Option<PublishState>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_status: Option<NodeStatusState>,
 }
 
-impl Cluster {
-    pub fn view(cluster: Option<&Cluster>) -> ClusterView {
+impl ClusterView {
+    pub fn of(cluster: Option<(&Cluster, &Publishing)>) -> Self {
         match cluster {
             None => ClusterView {
                 mode: "standalone",
@@ -115,13 +139,13 @@ impl Cluster {
                 port_usage: None,
                 node_status: None,
             },
-            Some(c) => ClusterView {
+            Some((c, p)) => ClusterView {
                 mode: "cluster",
                 node: Some(c.node.clone()),
                 settings: Some(c.settings.borrow().clone()),
                 host_ports: Some(c.host_ports.borrow().clone()),
-                port_usage: Some(c.port_usage.borrow().clone()),
-                node_status: Some(c.node_status.borrow().clone()),
+                port_usage: Some(p.port_usage.borrow().clone()),
+                node_status: Some(p.node_status.borrow().clone()),
             },
         }
     }
@@ -137,13 +161,10 @@ pub fn is_object_name(n: &str) -> bool {
         && n.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
-/// Starts the cluster side, or returns `None` in standalone mode. Fails only
-/// on configuration mistakes; an unreachable API server is not one.
-pub async fn start(
-    cfg: ClusterConfig,
-    ports: Ports,
-    shutdown: CancellationToken,
-) -> Result<Option<Cluster>, ClusterError> {
+/// Connects to the cluster and starts watching its inputs, or returns `None`
+/// in standalone mode. Fails only on configuration mistakes; an unreachable
+/// API server is not one.
+pub async fn connect(cfg: ClusterConfig, shutdown: CancellationToken) -> Result<Option<Cluster>, ClusterError> {
     if cfg.access == Access::Standalone {
         return Ok(None);
     }
@@ -160,95 +181,74 @@ pub async fn start(
     let live_instances = LiveInsIds::spawn(client.clone(), metrics.clone(), shutdown.clone());
     let (versions, versions_synced) =
         engines::spawn_versions(client.clone(), &cfg.core_version_cm_labels, metrics.clone(), shutdown.clone());
-    let nodes: Api<Node> = Api::all(client.clone());
-    let (conditions, node_status) = node_status::spawn(
-        nodes.clone(),
-        node.clone(),
-        cfg.heartbeat,
-        settings.clone(),
-        metrics.clone(),
-        shutdown.clone(),
-    );
-    spawn_oob(settings.clone(), conditions.clone());
-    let (usage_tx, port_usage) = watch::channel(PublishState::default());
-    let publisher = port_usage::Publisher {
-        api: Api::<ConfigMap>::namespaced(client.clone(), NAMESPACE),
-        nodes,
-        node: node.clone(),
-        ports,
-        settings: settings.clone(),
-        host_ports: host_ports.clone(),
-        metrics: metrics.clone(),
-        state: usage_tx,
-        debounce: cfg.publish_debounce,
-        min_interval: cfg.publish_min_interval,
-    };
-    tokio::spawn(publisher.run(shutdown));
-    Ok(Some(Cluster {
-        node,
-        client,
-        metrics,
-        settings,
-        host_ports,
-        port_usage,
-        node_status,
-        conditions,
-        live_instances,
-        versions,
-        versions_synced,
-    }))
+    Ok(Some(Cluster { node, client, metrics, settings, host_ports, live_instances, versions, versions_synced, cfg }))
 }
 
-/// Connects the engines domain to the cluster: the availability ConfigMap
-/// and the rescan bus (returned for `RequestCheckCoreVersion`).
-pub fn start_engines(
-    c: &Cluster,
-    engines: &crate::engines::Engines,
-    shutdown: CancellationToken,
-) -> engines::RescanBus {
-    let publisher = engines::AvailabilityPublisher {
-        api: Api::<ConfigMap>::namespaced(c.client.clone(), NAMESPACE),
-        nodes: Api::all(c.client.clone()),
-        node: c.node.clone(),
-        state: engines.state.clone(),
-        versions_synced: c.versions_synced.clone(),
-        metrics: c.metrics.clone(),
-    };
-    tokio::spawn(publisher.run(shutdown.clone()));
-    engines::spawn_bus(c.client.clone(), engines.clone(), c.metrics.clone(), shutdown)
-}
-
-/// The ownerReference to this Node, so per-node ConfigMaps go with the node
-/// (the original left them behind). None while the Node cannot be read: the
-/// ConfigMap is then published without it, and the caller asks again later.
-pub async fn node_owner(nodes: &Api<Node>, node: &str, metrics: &ApiMetrics) -> Option<serde_json::Value> {
-    match client::call(metrics, "get", "nodes", nodes.get(node)).await {
-        Ok(n) => {
-            let uid = n.metadata.uid?;
-            Some(serde_json::json!({"apiVersion": "v1", "kind": "Node", "name": node, "uid": uid}))
-        }
-        Err(e) => {
-            tracing::warn!(node, error = %e, "cannot read this Node; publishing without an ownerReference");
-            None
-        }
+impl Cluster {
+    /// The ports domain's claim sources this cluster feeds.
+    pub fn claim_inputs(&self) -> ClaimInputs {
+        vec![(ClaimSource::HostPorts, self.host_ports.clone())]
     }
-}
 
-/// Sets `NodeOobIP` whenever `isCheckOObIP` is (or turns) on.
-fn spawn_oob(mut settings: watch::Receiver<Settings>, conditions: NodeConditions) {
-    tokio::spawn(async move {
-        let mut set = false;
-        loop {
-            let s = settings.borrow_and_update().clone();
-            if s.synced && s.check_oob_ip && !set {
-                conditions.set(node_status::oob_ip());
-            }
-            set = s.synced && s.check_oob_ip;
-            if settings.changed().await.is_err() {
-                return;
-            }
-        }
-    });
+    /// The client NIC to watch (see [`settings::nic_config`]).
+    pub fn nic_config(&self, fallback: NicConfig) -> watch::Receiver<Option<NicConfig>> {
+        settings::nic_config(self.settings.clone(), fallback)
+    }
+
+    /// Starts the sinks: the port-usage ConfigMap from the ports domain, the
+    /// Node conditions from the client network and the settings, the
+    /// availability ConfigMap and the rescan bus from the engines domain.
+    pub fn publish(
+        &self,
+        ports: &Ports,
+        network: watch::Receiver<NetworkState>,
+        engines: &Engines,
+        shutdown: CancellationToken,
+    ) -> Publishing {
+        let (usage_tx, port_usage) = watch::channel(PublishState::default());
+        let publisher = port_usage::Publisher {
+            object: NodeOwned::new(
+                &self.client,
+                &self.node,
+                port_usage::configmap_name(&self.node),
+                "port_usage",
+                self.metrics.clone(),
+            ),
+            ports: ports.clone(),
+            settings: self.settings.clone(),
+            metrics: self.metrics.clone(),
+            state: usage_tx,
+            timing: Timing {
+                debounce: self.cfg.publish_debounce,
+                min_interval: self.cfg.publish_min_interval,
+                heartbeat: self.cfg.heartbeat,
+            },
+        };
+        tokio::spawn(publisher.run(shutdown.clone()));
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let node_status = node_status::spawn(
+            nodes,
+            self.node.clone(),
+            self.cfg.heartbeat,
+            node_status::Inputs { network, settings: self.settings.clone() },
+            self.metrics.clone(),
+            shutdown.clone(),
+        );
+        let availability = engines::AvailabilityPublisher {
+            object: NodeOwned::new(
+                &self.client,
+                &self.node,
+                engines::availability_name(&self.node),
+                "availability",
+                self.metrics.clone(),
+            ),
+            state: engines.state.clone(),
+            versions_synced: self.versions_synced.clone(),
+        };
+        tokio::spawn(availability.run(shutdown.clone()));
+        let rescan_bus = engines::spawn_bus(self.client.clone(), engines.clone(), self.metrics.clone(), shutdown);
+        Publishing { port_usage, node_status, rescan_bus }
+    }
 }
 
 #[cfg(test)]

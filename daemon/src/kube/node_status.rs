@@ -7,11 +7,12 @@
 //! only the conditions that changed (merged by `type`, so other writers'
 //! conditions are untouched); `lastTransitionTime` moves only when a
 //! condition's status flips; and every `heartbeat` it refreshes
-//! `lastHeartbeatTime` of all its conditions in one patch. Other domains set
-//! conditions through a cheap [`NodeConditions`] handle.
+//! `lastHeartbeatTime` of all its conditions in one patch. The conditions
+//! are derived here from the domains' published state (the client network,
+//! the cluster's settings): no source knows about Node conditions.
 use std::{
     collections::BTreeMap,
-    sync::{atomic::Ordering, Arc},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -22,17 +23,18 @@ use kube::{
 };
 use serde::Serialize;
 use serde_json::json;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    client::{backoff, call, ApiMetrics, CallError},
+    client::{call, ApiMetrics, CallError},
     settings::Settings,
 };
-use crate::time::utc_seconds;
-
-/// The longest the first write waits for the cluster's settings.
-const SETTINGS_WAIT: Duration = Duration::from_secs(10);
+use crate::{
+    network::{LinkState, NetworkState},
+    retry::{self, Backoff},
+    time::utc_seconds,
+};
 
 /// A condition as this daemon wants it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -74,23 +76,39 @@ pub fn oob_ip() -> Condition {
     }
 }
 
-/// Sets conditions on this node; cheap to clone. Without a cluster it is a
-/// no-op sink, so domains need not know the mode.
-#[derive(Clone)]
-pub struct NodeConditions {
-    tx: Option<mpsc::UnboundedSender<Condition>>,
+/// The two conditions the client network's state means (COMPAT.md
+/// "Outputs" 3): `NodeClientNetworkUnavailable` (True unless the NIC is up)
+/// and `NodeClientIP` (True with the address, or False with `0.0.0.0`).
+pub fn network_conditions(nic: &str, net: &NetworkState) -> [Condition; 2] {
+    let reason = net.state.reason();
+    let unavailable =
+        Condition::new("NodeClientNetworkUnavailable", net.state != LinkState::Up, reason, &format!("{nic} {reason}"));
+    let ip = match net.client_ip {
+        Some(ip) => Condition::new("NodeClientIP", true, nic, &ip.to_string()),
+        None => Condition::new("NodeClientIP", false, nic, "0.0.0.0"),
+    };
+    [unavailable, ip]
 }
 
-impl NodeConditions {
-    pub fn standalone() -> Self {
-        Self { tx: None }
+/// Every condition this node should carry now: the heartbeat flag, the
+/// client network's two once a NIC is being watched, and `NodeOobIP` while
+/// `isCheckOObIP` is on. Conditions set earlier and no longer wanted stay as
+/// they were: other components may read them.
+fn desired(net: &NetworkState, settings: &Settings) -> Vec<Condition> {
+    let mut out = vec![refresh_flag()];
+    if let Some(nic) = &net.nic {
+        out.extend(network_conditions(nic, net));
     }
+    if settings.synced && settings.check_oob_ip {
+        out.push(oob_ip());
+    }
+    out
+}
 
-    pub fn set(&self, c: Condition) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(c);
-        }
-    }
+/// What the conditions are made from.
+pub struct Inputs {
+    pub network: watch::Receiver<NetworkState>,
+    pub settings: watch::Receiver<Settings>,
 }
 
 /// What the HTTP API shows about this sink.
@@ -117,17 +135,14 @@ pub fn spawn(
     nodes: Api<Node>,
     node: String,
     heartbeat: Duration,
-    settings: watch::Receiver<Settings>,
+    inputs: Inputs,
     metrics: Arc<ApiMetrics>,
     shutdown: CancellationToken,
-) -> (NodeConditions, watch::Receiver<NodeStatusState>) {
-    let (tx, rx) = mpsc::unbounded_channel();
+) -> watch::Receiver<NodeStatusState> {
     let (state_tx, state_rx) = watch::channel(NodeStatusState::default());
     let writer = Writer { nodes, node, metrics, state: state_tx, managed: BTreeMap::new(), seeded: None };
-    tokio::spawn(writer.run(rx, heartbeat, settings, shutdown));
-    let handle = NodeConditions { tx: Some(tx) };
-    handle.set(refresh_flag());
-    (handle, state_rx)
+    tokio::spawn(writer.run(inputs, heartbeat, shutdown));
+    state_rx
 }
 
 struct Writer {
@@ -144,61 +159,42 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(
-        mut self,
-        mut rx: mpsc::UnboundedReceiver<Condition>,
-        heartbeat: Duration,
-        mut settings: watch::Receiver<Settings>,
-        shutdown: CancellationToken,
-    ) {
-        // The cluster's settings decide some conditions (ccm-config names the
-        // client NIC): hold the first write until they are read, so it is not
-        // about the flags' NIC. Bounded, so conditions still go out when only
-        // the ConfigMaps cannot be read; queued conditions replace each other.
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = tokio::time::timeout(SETTINGS_WAIT, settings.wait_for(|s| s.synced)) => {}
-        }
+    async fn run(mut self, mut inputs: Inputs, heartbeat: Duration, shutdown: CancellationToken) {
         let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut attempt = 0u32;
+        let mut backoff = Backoff::new();
         let mut retry_at: Option<tokio::time::Instant> = None;
         let mut beat_due = false;
         loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                c = rx.recv() => match c {
-                    Some(c) => self.want(c),
-                    None => return,
-                },
-                _ = beat.tick() => beat_due = true,
-                () = async { match retry_at { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => retry_at = None,
-            }
-            // Take whatever else is queued, so a burst is one patch.
-            while let Ok(c) = rx.try_recv() {
+            for c in desired(&inputs.network.borrow_and_update(), &inputs.settings.borrow_and_update()) {
                 self.want(c);
             }
             let dirty = self.managed.values().any(|m| !m.written);
-            if !(dirty || beat_due) || retry_at.is_some() {
-                continue;
+            if (dirty || beat_due) && retry_at.is_none() {
+                self.metrics.set_pending("node_status", true);
+                match self.write(beat_due).await {
+                    Ok(()) => {
+                        backoff.reset();
+                        beat_due = false;
+                        self.metrics.set_pending("node_status", false);
+                    }
+                    Err(e) => {
+                        let wait = backoff.next_wait();
+                        retry_at = Some(tokio::time::Instant::now() + wait);
+                        tracing::warn!(node = %self.node, error = %e, retry_in = ?wait, "patching node conditions failed");
+                        self.state.send_modify(|s| {
+                            s.pending = true;
+                            s.last_error = Some(e.to_string());
+                        });
+                    }
+                }
             }
-            self.metrics.node_status_pending.store(1, Ordering::Relaxed);
-            match self.write(beat_due).await {
-                Ok(()) => {
-                    attempt = 0;
-                    beat_due = false;
-                    self.metrics.node_status_pending.store(0, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    let wait = backoff(attempt);
-                    attempt = attempt.saturating_add(1);
-                    retry_at = Some(tokio::time::Instant::now() + wait);
-                    tracing::warn!(node = %self.node, error = %e, retry_in = ?wait, "patching node conditions failed");
-                    self.state.send_modify(|s| {
-                        s.pending = true;
-                        s.last_error = Some(e.to_string());
-                    });
-                }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = inputs.network.changed() => if r.is_err() { return },
+                r = inputs.settings.changed() => if r.is_err() { return },
+                _ = beat.tick() => beat_due = true,
+                () = retry::sleep_until(retry_at) => retry_at = None,
             }
         }
     }
@@ -292,5 +288,45 @@ impl Writer {
             s.writes += 1;
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(nic: Option<&str>, state: LinkState, ip: Option<&str>) -> NetworkState {
+        let cfg = nic.map(|n| crate::network::NicConfig { name: n.into(), net_mask: None });
+        let mut st = NetworkState::unknown(cfg.as_ref());
+        st.state = state;
+        st.client_ip = ip.map(|i| i.parse().expect("ip"));
+        st
+    }
+
+    #[test]
+    fn network_state_becomes_the_operators_two_conditions() {
+        let [down, ip] = network_conditions("eth1", &net(Some("eth1"), LinkState::Unknown, None));
+        assert_eq!(
+            (down.status.as_str(), down.reason.as_str(), down.message.as_str()),
+            ("True", "StateUnKnown", "eth1 StateUnKnown")
+        );
+        assert_eq!((ip.status.as_str(), ip.message.as_str()), ("False", "0.0.0.0"));
+        let [up, ip] = network_conditions("eth1", &net(Some("eth1"), LinkState::Up, Some("192.0.2.1")));
+        assert_eq!((up.status.as_str(), up.reason.as_str()), ("False", "StateUP"));
+        assert_eq!((ip.status.as_str(), ip.reason.as_str(), ip.message.as_str()), ("True", "eth1", "192.0.2.1"));
+    }
+
+    #[test]
+    fn conditions_wait_for_a_named_nic_and_oob_for_the_settings() {
+        let types = |v: Vec<Condition>| v.into_iter().map(|c| c.type_).collect::<Vec<_>>();
+        let unread = Settings::default();
+        assert_eq!(types(desired(&net(None, LinkState::Unknown, None), &unread)), vec!["NodeRefreshFlag"]);
+        let read = Settings { synced: true, ..Settings::default() };
+        assert_eq!(
+            types(desired(&net(Some("bond1"), LinkState::Up, None), &read)),
+            vec!["NodeRefreshFlag", "NodeClientNetworkUnavailable", "NodeClientIP", "NodeOobIP"]
+        );
+        let no_oob = Settings { synced: true, check_oob_ip: false, ..Settings::default() };
+        assert_eq!(types(desired(&net(None, LinkState::Up, None), &no_oob)), vec!["NodeRefreshFlag"]);
     }
 }

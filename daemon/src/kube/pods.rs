@@ -1,48 +1,49 @@
 //! What pods tell this daemon, from two watches:
 //! - pods on this node (field selector `spec.nodeName`): their hostPorts are
-//!   taken ports beside sockets (traffic to them is redirected even though no
-//!   host socket exists);
+//!   claims on ports beside sockets (traffic to them is redirected even though
+//!   no host socket exists), an input of the ports domain;
 //! - database pods anywhere (label `apsara.metric.ins_id`): the live instance
 //!   ids, which keep their log folders from the sweeper's rule 1.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     sync::{Arc, RwLock},
 };
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::{runtime::watcher, Api};
-use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{client::ApiMetrics, mirror};
 use crate::{
     logs::{LiveInstances, LiveInstancesError},
-    ports::model::Proto,
+    ports::{
+        model::Proto,
+        occupancy::{Claim, ClaimSet},
+    },
 };
 
 pub const INS_ID_LABEL: &str = "apsara.metric.ins_id";
 
 /// A hostPort of a pod on this node.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-pub struct HostPort {
-    pub proto: Proto,
-    pub port: u16,
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct HostPort {
+    proto: Proto,
+    port: u16,
     /// `namespace/name` of the pod.
-    pub pod: String,
+    pod: String,
 }
 
-/// hostPorts of the pods on this node; `synced` once the first list is in.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct HostPorts {
-    pub synced: bool,
-    pub ports: BTreeSet<HostPort>,
-}
-
-impl HostPorts {
-    pub fn contains(&self, proto: Proto, port: u16) -> bool {
-        self.ports.iter().any(|h| h.proto == proto && h.port == port)
+fn claims_of(pods: &BTreeMap<String, Pod>) -> BTreeMap<(Proto, u16), Vec<Claim>> {
+    let mut claims: BTreeMap<(Proto, u16), Vec<Claim>> = BTreeMap::new();
+    for h in pods.iter().flat_map(|(k, p)| host_ports_of(k, p)) {
+        let list = claims.entry((h.proto, h.port)).or_default();
+        let c = Claim::HostPort { pod: h.pod };
+        if !list.contains(&c) {
+            list.push(c);
+        }
     }
+    claims
 }
 
 fn host_ports_of<'a>(key: &'a str, pod: &'a Pod) -> impl Iterator<Item = HostPort> + 'a {
@@ -61,22 +62,23 @@ fn host_ports_of<'a>(key: &'a str, pod: &'a Pod) -> impl Iterator<Item = HostPor
     })
 }
 
-/// Watches this node's pods; the receiver always holds the current hostPorts.
+/// Watches this node's pods; the receiver always holds their hostPorts as
+/// claims (`synced` once the first list is in).
 pub fn spawn_host_ports(
     client: kube::Client,
     node: &str,
     metrics: Arc<ApiMetrics>,
     shutdown: CancellationToken,
-) -> watch::Receiver<HostPorts> {
-    let (tx, rx) = watch::channel(HostPorts::default());
+) -> watch::Receiver<ClaimSet> {
+    let (tx, rx) = watch::channel(ClaimSet::default());
     let api: Api<Pod> = Api::all(client);
     let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     tokio::spawn(mirror::run(api, cfg, "pods/this-node", metrics, shutdown, move |view| {
-        let next = HostPorts {
+        let next = ClaimSet {
             // Once listed, a later error keeps the last known ports: they
             // only ever make ports look taken.
             synced: view.synced || tx.borrow().synced,
-            ports: view.objects.iter().flat_map(|(k, p)| host_ports_of(k, p)).collect(),
+            claims: claims_of(view.objects),
         };
         tx.send_if_modified(|cur| {
             let changed = *cur != next;

@@ -1,45 +1,48 @@
 //! The port-usage ConfigMap `kube-system/cloud-provider-port-usage-<node>`
-//! (COMPAT.md "Outputs" 1): one data key per taken port inside the watched
-//! ranges, value `the port already use`, annotation `updateTimestamp`.
+//! (docs/compat.md "Outputs" 1): one data key per taken port inside the
+//! watched ranges, value `the port already use`, annotation `updateTimestamp`.
 //!
 //! The operator takes the union of keys over all nodes and treats every key
 //! as taken, and falls back to ssh+netstat when the ConfigMap is missing. So:
 //! it is created as soon as the port map is first complete (empty or not);
-//! it is written only when the key set changes, coalesced over `debounce`;
-//! while the port map is unsure (lost events being repaired) keys are only
-//! ever added, never dropped; writes are server-side apply with this
-//! daemon's field manager, retried with capped, jittered backoff, and an
-//! ownerReference to the Node removes the ConfigMap with the node.
+//! it is written when the key set changes, coalesced over `debounce`, and
+//! its `updateTimestamp` is refreshed every `heartbeat` even when nothing
+//! changed (the original rewrote it every minute, so people read it as "the
+//! daemon is alive"); while the port map is resyncing after lost events keys
+//! are only ever added, never dropped; a key set too large for a ConfigMap
+//! is published as far as it fits and reported loudly, never cut silently.
+//!
+//! The keys come from the ports domain's one occupancy answer
+//! ([`Ports::taken_in`]): sockets, hostPorts, nodePorts and leases alike.
 use std::{
     collections::BTreeSet,
-    sync::{atomic::Ordering, Arc},
+    ops::RangeInclusive,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use k8s_openapi::api::core::v1::{ConfigMap, Node};
-use kube::{
-    api::{Patch, PatchParams},
-    runtime::watcher,
-    Api,
-};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::runtime::watcher;
 use serde::Serialize;
-use serde_json::{json, Map, Value};
-use tokio::sync::{broadcast::error::RecvError, watch};
+use serde_json::{Map, Value};
+use tokio::{
+    sync::{broadcast::error::RecvError, watch},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    client::{backoff, call, ApiMetrics, CallError},
-    mirror,
-    pods::HostPorts,
-    settings::Settings,
-    FIELD_MANAGER, NAMESPACE,
-};
+use super::{client::ApiMetrics, mirror, owned::NodeOwned, settings::Settings};
 use crate::{
-    ports::{model::Proto, Ports},
+    ports::Ports,
+    retry::{self, Backoff},
     time::utc_seconds,
 };
 
 pub const VALUE: &str = "the port already use";
+
+/// A ConfigMap may hold 1 MiB; this leaves room for metadata and
+/// managedFields.
+pub const MAX_DATA_BYTES: usize = 900 * 1024;
 
 pub fn configmap_name(node: &str) -> String {
     format!("cloud-provider-port-usage-{node}")
@@ -55,68 +58,74 @@ pub struct PublishState {
     pub last_write: Option<SystemTime>,
     pub pending: bool,
     pub paused: bool,
+    /// Taken ports that did not fit in the ConfigMap (the highest ones):
+    /// the operator could hand them out. 0 in any sane setup.
+    pub overflow: usize,
     pub last_error: Option<String>,
     pub writes: u64,
 }
 
-/// The keys that should be in the ConfigMap now: taken ports (TCP or UDP,
-/// sockets or hostPorts) inside the watched ranges. `None` while the map has
-/// never been complete: publishing then could call busy ports free.
-fn desired(
-    ports: &Ports,
-    settings: &Settings,
-    host: &HostPorts,
-    published: Option<&BTreeSet<u16>>,
-) -> Option<BTreeSet<u16>> {
-    let table = ports.read();
-    if !table.status.ready {
-        return None;
-    }
-    let mut keys = BTreeSet::new();
-    for r in &settings.ranges.watched {
-        for proto in Proto::ALL {
-            keys.extend(table.map.taken_in(proto, r.range()));
-        }
-    }
-    keys.extend(host.ports.iter().map(|h| h.port).filter(|&p| settings.ranges.contains(p)));
-    if table.status.stale {
-        // Events were lost: a port missing from the map may still be taken.
-        keys.extend(published.into_iter().flatten().copied().filter(|&p| settings.ranges.contains(p)));
-    }
-    Some(keys)
-}
-
-pub struct Publisher {
-    pub api: Api<ConfigMap>,
-    pub nodes: Api<Node>,
-    pub node: String,
-    pub ports: Ports,
-    pub settings: watch::Receiver<Settings>,
-    pub host_ports: watch::Receiver<HostPorts>,
-    pub metrics: Arc<ApiMetrics>,
-    pub state: watch::Sender<PublishState>,
+/// Settings of the sink (from flags).
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
     pub debounce: Duration,
     /// Least time between two writes: ephemeral ports in the watched ranges
     /// would otherwise rewrite the ConfigMap several times a second.
     pub min_interval: Duration,
+    /// `updateTimestamp` is refreshed at least this often.
+    pub heartbeat: Duration,
+}
+
+pub struct Publisher {
+    pub object: NodeOwned,
+    pub ports: Ports,
+    pub settings: watch::Receiver<Settings>,
+    pub metrics: Arc<ApiMetrics>,
+    pub state: watch::Sender<PublishState>,
+    pub timing: Timing,
+}
+
+/// The bytes a data map of these keys takes.
+fn data_bytes(keys: &BTreeSet<u16>) -> usize {
+    // "port": "value", plus quotes, colon and comma.
+    keys.iter().map(|p| p.to_string().len() + VALUE.len() + 6).sum()
+}
+
+/// The keys to publish: `want`, or its lowest ports that fit.
+fn fit(want: BTreeSet<u16>) -> (BTreeSet<u16>, usize) {
+    if data_bytes(&want) <= MAX_DATA_BYTES {
+        return (want, 0);
+    }
+    let mut kept = BTreeSet::new();
+    let mut bytes = 0;
+    for p in &want {
+        let b = p.to_string().len() + VALUE.len() + 6;
+        if bytes + b > MAX_DATA_BYTES {
+            break;
+        }
+        bytes += b;
+        kept.insert(*p);
+    }
+    let dropped = want.len() - kept.len();
+    (kept, dropped)
 }
 
 impl Publisher {
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let name = configmap_name(&self.node);
+        let name = self.object.name().to_owned();
         self.state.send_modify(|s| s.configmap = name.clone());
         let mut changes = self.ports.subscribe();
-        let mut exists = self.watch_own(&name, shutdown.clone());
-        let mut last_write: Option<tokio::time::Instant> = None;
-        let mut owner: Option<Value> = None;
+        let mut status = self.ports.status();
+        let mut exists = self.watch_own(shutdown.clone());
+        let mut last_write: Option<Instant> = None;
         let mut published: Option<BTreeSet<u16>> = None;
-        let mut attempt = 0u32;
-        // A slow safety net: the map's status (ready, stale) changes without
-        // a port event, and a lagged subscriber may have missed events.
-        let mut recheck = tokio::time::interval(Duration::from_secs(5));
-        let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut backoff = Backoff::new();
+        let mut retry_at: Option<Instant> = None;
         loop {
-            // Wait for something that may change the key set.
+            let heartbeat_at = last_write.map(|t| t + self.timing.heartbeat);
+            // Wait for something that may change the key set, or for the
+            // heartbeat.
+            let mut beat = false;
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 ev = changes.recv() => match ev {
@@ -124,8 +133,8 @@ impl Publisher {
                     Ok(_) | Err(RecvError::Lagged(_)) => {}
                     Err(RecvError::Closed) => return,
                 },
+                r = status.changed() => if r.is_err() { return },
                 r = self.settings.changed() => if r.is_err() { return },
-                r = self.host_ports.changed() => if r.is_err() { return },
                 r = exists.changed() => {
                     if r.is_err() { return }
                     // Deleted by hand, or collected with a re-registered
@@ -134,18 +143,18 @@ impl Publisher {
                     if *exists.borrow_and_update() == Some(false) && published.is_some() {
                         tracing::warn!(configmap = %name, "the port-usage ConfigMap disappeared; recreating it");
                         published = None;
-                        owner = None;
+                        self.object.forget_owner();
                     }
                 }
-                _ = recheck.tick() => {}
-                () = sleep_until_opt(retry_at) => retry_at = None,
+                () = retry::sleep_until(heartbeat_at), if retry_at.is_none() => beat = true,
+                () = retry::sleep_until(retry_at) => retry_at = None,
             }
             // Coalesce a burst of binds into one write, and keep writes at
             // least `min_interval` apart.
-            let gap = last_write.map_or(Duration::ZERO, |t| self.min_interval.saturating_sub(t.elapsed()));
+            let gap = last_write.map_or(Duration::ZERO, |t| self.timing.min_interval.saturating_sub(t.elapsed()));
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(self.debounce.max(gap)) => {}
+                () = tokio::time::sleep(self.timing.debounce.max(gap)) => {}
             }
             let settings = self.settings.borrow().clone();
             if !settings.synced {
@@ -156,35 +165,49 @@ impl Publisher {
                 continue;
             }
             self.state.send_if_modified(|s| std::mem::replace(&mut s.paused, false));
-            let host = self.host_ports.borrow().clone();
-            if !host.synced {
-                continue; // hostPorts unknown yet: a key could be missing
+            let ranges: Vec<RangeInclusive<u16>> = settings.ranges.watched.iter().map(|r| r.range()).collect();
+            // None until the map is complete and every claim source is read:
+            // publishing then could call taken ports free.
+            let Some(mut want) = self.ports.taken_in(&ranges) else { continue };
+            if self.ports.status().borrow().stale {
+                // Events were lost: a port missing from the map may still be taken.
+                want.extend(published.iter().flatten().copied().filter(|&p| settings.ranges.contains(p)));
             }
-            let Some(want) = desired(&self.ports, &settings, &host, published.as_ref()) else { continue };
-            if published.as_ref() == Some(&want) {
+            let (want, overflow) = fit(want);
+            if overflow > 0 {
+                tracing::error!(
+                    configmap = %name,
+                    overflow,
+                    "taken ports in the watched ranges do not fit in one ConfigMap; the highest are not published"
+                );
+            }
+            let unchanged = published.as_ref() == Some(&want);
+            if unchanged && !beat {
                 // A failed write may have become unnecessary.
                 retry_at = None;
-                self.metrics.port_usage_pending.store(0, Ordering::Relaxed);
+                self.object.set_pending(false);
                 self.state.send_if_modified(|s| std::mem::replace(&mut s.pending, false));
                 continue;
             }
             if retry_at.is_some() {
                 continue; // backing off: the timer will bring us back
             }
-            self.metrics.port_usage_pending.store(1, Ordering::Relaxed);
-            self.state.send_modify(|s| s.pending = true);
-            if owner.is_none() {
-                owner = super::node_owner(&self.nodes, &self.node, &self.metrics).await;
-            }
+            self.object.set_pending(true);
+            self.state.send_modify(|s| {
+                s.pending = true;
+                s.overflow = overflow;
+            });
             let first = published.is_none();
-            last_write = Some(tokio::time::Instant::now());
-            match self.write(&name, &want, owner.as_ref(), first).await {
+            last_write = Some(Instant::now());
+            match self.write(&want, first).await {
                 Ok(()) => {
-                    attempt = 0;
+                    backoff.reset();
                     retry_at = None;
-                    tracing::info!(configmap = %name, ports = want.len(), "port usage published");
+                    if !unchanged {
+                        tracing::info!(configmap = %name, ports = want.len(), "port usage published");
+                    }
                     published = Some(want.clone());
-                    self.metrics.port_usage_pending.store(0, Ordering::Relaxed);
+                    self.object.set_pending(false);
                     self.state.send_modify(|s| {
                         s.published = Some(want);
                         s.last_write = Some(SystemTime::now());
@@ -194,9 +217,8 @@ impl Publisher {
                     });
                 }
                 Err(e) => {
-                    let wait = backoff(attempt);
-                    attempt = attempt.saturating_add(1);
-                    retry_at = Some(tokio::time::Instant::now() + wait);
+                    let wait = backoff.next_wait();
+                    retry_at = Some(Instant::now() + wait);
                     tracing::warn!(configmap = %name, error = %e, retry_in = ?wait, "publishing port usage failed");
                     self.state.send_modify(|s| s.last_error = Some(e.to_string()));
                 }
@@ -205,11 +227,11 @@ impl Publisher {
     }
 
     /// Whether this node's ConfigMap exists (None until the watch has listed).
-    fn watch_own(&self, name: &str, shutdown: CancellationToken) -> watch::Receiver<Option<bool>> {
+    fn watch_own(&self, shutdown: CancellationToken) -> watch::Receiver<Option<bool>> {
         let (tx, rx) = watch::channel(None);
-        let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={}", self.object.name()));
         tokio::spawn(mirror::run(
-            self.api.clone(),
+            self.object.api().clone(),
             cfg,
             "configmaps/port-usage",
             self.metrics.clone(),
@@ -226,30 +248,13 @@ impl Publisher {
         rx
     }
 
-    async fn write(
-        &self,
-        name: &str,
-        keys: &BTreeSet<u16>,
-        owner: Option<&Value>,
-        first: bool,
-    ) -> Result<(), CallError> {
+    async fn write(&mut self, keys: &BTreeSet<u16>, first: bool) -> Result<(), super::client::CallError> {
         let data: Map<String, Value> = keys.iter().map(|p| (p.to_string(), Value::from(VALUE))).collect();
-        let mut metadata = json!({
-            "name": name,
-            "namespace": NAMESPACE,
-            "annotations": {"updateTimestamp": utc_seconds(SystemTime::now())},
-        });
-        if let Some(o) = owner {
-            metadata["ownerReferences"] = json!([o]);
-        }
-        let body = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data});
-        // force: take over fields another manager (the Go daemon before an
-        // upgrade) wrote, instead of failing with a conflict.
-        let params = PatchParams::apply(FIELD_MANAGER).force();
-        let cm =
-            call(&self.metrics, "apply", "configmaps", self.api.patch(name, &params, &Patch::Apply(&body))).await?;
+        let mut annotations = Map::new();
+        annotations.insert("updateTimestamp".into(), Value::from(utc_seconds(SystemTime::now())));
+        let cm = self.object.apply(data, annotations).await?;
         if first {
-            self.drop_foreign_keys(name, &cm, keys).await?;
+            self.drop_foreign_keys(&cm, keys).await?;
         }
         Ok(())
     }
@@ -257,29 +262,34 @@ impl Publisher {
     /// Server-side apply removes only keys this field manager set. Keys left
     /// by another writer (the Go daemon this one replaces) would stay forever
     /// and make their ports look busy, so on the first write after start
-    /// they are removed with a JSON merge patch.
-    async fn drop_foreign_keys(&self, name: &str, cm: &ConfigMap, keys: &BTreeSet<u16>) -> Result<(), CallError> {
-        let stale: Map<String, Value> = cm
+    /// they are removed.
+    async fn drop_foreign_keys(&self, cm: &ConfigMap, keys: &BTreeSet<u16>) -> Result<(), super::client::CallError> {
+        let stale: Vec<String> = cm
             .data
             .iter()
             .flatten()
             .filter(|(k, _)| k.parse::<u16>().map_or(true, |p| !keys.contains(&p)))
-            .map(|(k, _)| (k.clone(), Value::Null))
+            .map(|(k, _)| k.clone())
             .collect();
-        if stale.is_empty() {
-            return Ok(());
+        if !stale.is_empty() {
+            tracing::info!(configmap = %self.object.name(), keys = ?stale, "removing keys left by another writer");
         }
-        tracing::info!(configmap = %name, keys = ?stale.keys().collect::<Vec<_>>(), "removing keys left by another writer");
-        let patch = json!({"data": stale});
-        let params = PatchParams::default();
-        call(&self.metrics, "patch", "configmaps", self.api.patch(name, &params, &Patch::Merge(&patch))).await?;
-        Ok(())
+        self.object.remove_keys(stale).await
     }
 }
 
-async fn sleep_until_opt(t: Option<tokio::time::Instant>) {
-    match t {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_set_too_large_for_a_configmap_keeps_its_lowest_ports_and_says_how_many_not() {
+        let small: BTreeSet<u16> = (30000..30100).collect();
+        assert_eq!(fit(small.clone()), (small, 0));
+        let all: BTreeSet<u16> = (1..=65535).collect();
+        let (kept, dropped) = fit(all);
+        assert!(data_bytes(&kept) <= MAX_DATA_BYTES);
+        assert_eq!(kept.len() + dropped, 65535);
+        assert!(dropped > 0 && kept.contains(&1) && !kept.contains(&65535));
     }
 }

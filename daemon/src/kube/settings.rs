@@ -129,17 +129,39 @@ pub fn spawn(
     rx
 }
 
+/// The longest the client NIC waits for the cluster's settings before the
+/// flags' NIC is watched (the ConfigMaps may be unreadable).
+const SETTINGS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The client NIC to watch: `ccm-config`'s keys where present, else the
-/// flags (`fallback`). Changes apply live.
-pub fn nic_config(mut settings: watch::Receiver<Settings>, fallback: NicConfig) -> watch::Receiver<NicConfig> {
+/// flags (`fallback`). None until the settings are read (at most
+/// `SETTINGS_WAIT`), so the first conditions are about the right NIC.
+/// Changes apply live.
+pub fn nic_config(mut settings: watch::Receiver<Settings>, fallback: NicConfig) -> watch::Receiver<Option<NicConfig>> {
     let pick = move |s: &Settings| NicConfig {
         name: s.net_card_name.clone().unwrap_or_else(|| fallback.name.clone()),
         net_mask: s.net_mask.clone().or_else(|| fallback.net_mask.clone()),
     };
-    let (tx, rx) = watch::channel(pick(&settings.borrow_and_update()));
+    let first = {
+        let s = settings.borrow_and_update();
+        s.synced.then(|| pick(&s))
+    };
+    let (tx, rx) = watch::channel(first);
     tokio::spawn(async move {
-        while settings.changed().await.is_ok() {
-            let next = pick(&settings.borrow_and_update());
+        let mut deadline = Some(tokio::time::Instant::now() + SETTINGS_WAIT);
+        loop {
+            tokio::select! {
+                r = settings.changed() => if r.is_err() { return },
+                () = crate::retry::sleep_until(deadline) => deadline = None,
+            }
+            let next = {
+                let s = settings.borrow_and_update();
+                if !s.synced && deadline.is_some() {
+                    continue; // partly read: wait for the rest, or the deadline
+                }
+                Some(pick(&s))
+            };
+            deadline = None;
             tx.send_if_modified(|cur| {
                 let changed = *cur != next;
                 *cur = next;

@@ -26,17 +26,19 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use polarstack_ebpf_common::{
-    EventKind, PortEvent, TrackedSocket, CONFIG_NETNS_COOKIE, CONFIG_PROBE_COOKIE, COUNTERS_LEN, COUNTER_FOREIGN,
-    COUNTER_NETNS_UNKNOWN, COUNTER_RING_FULL, COUNTER_TRACK_FULL, FEAT_CGROUP, FEAT_COMM, FEAT_NETNS, FEAT_PID,
-    FLAG_NETNS_UNKNOWN, FLAG_UNTRACKED, GLOBAL_FEAT_BIND, GLOBAL_FEAT_POST_BIND, GLOBAL_FEAT_SOCK_OPS, MAP_CONFIG,
-    MAP_COUNTERS, MAP_EVENTS, MAP_TRACKED, PROG_BIND4, PROG_BIND6, PROG_POST_BIND4, PROG_POST_BIND6, PROG_SOCK_OPS,
-    PROG_SOCK_RELEASE, REUSE_OFF, REUSE_ON,
+    EventKind, PortEvent, TrackedSocket, CONFIG_NETNS_COOKIE, CONFIG_PROBE_COOKIE, COUNTER_FOREIGN,
+    COUNTER_NETNS_UNKNOWN, COUNTER_RING_FULL, COUNTER_TRACK_FULL, FEAT_CGROUP, FEAT_COMM, FEAT_GETSOCKOPT, FEAT_NETNS,
+    FEAT_PID, FLAG_NETNS_UNKNOWN, FLAG_UNTRACKED, GLOBAL_FEAT_BIND, GLOBAL_FEAT_POST_BIND, GLOBAL_FEAT_SOCK_OPS,
+    GLOBAL_ITER_OFFSETS, MAP_CONFIG, MAP_COUNTERS, MAP_EVENTS, MAP_TRACKED, PROG_BIND4, PROG_BIND6, PROG_BOUND_SOCKETS,
+    PROG_POST_BIND4, PROG_POST_BIND6, PROG_SOCK_OPS, PROG_SOCK_RELEASE, REUSE_OFF, REUSE_ON,
 };
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 
 use super::{
+    btf,
     events::{DecodeError, KernelCounters},
+    iter::{self, BoundIter},
     map::Event,
     model::{addr_from_bytes, comm_to_string, Family, Owner, Proto},
 };
@@ -68,6 +70,8 @@ pub struct EbpfOptions<'a> {
     pub ring_bytes: u32,
     /// Capacity of the kernel's table of bound and listening sockets.
     pub tracked_max: u32,
+    /// Load the socket iterator: sock_diag cannot list bound TCP sockets here.
+    pub bound_iter: bool,
 }
 
 /// What a hook reports, and what is lost without it (for `/readyz` and the
@@ -129,15 +133,16 @@ impl Hook {
     /// The optional helpers the hook's code can use.
     fn optional(self) -> u32 {
         match self {
-            Hook::Bind4 | Hook::Bind6 => FEAT_NETNS,
-            Hook::PostBind4 | Hook::PostBind6 | Hook::SockOps => FEAT_PID | FEAT_COMM | FEAT_CGROUP | FEAT_NETNS,
+            Hook::Bind4 | Hook::Bind6 => FEAT_NETNS | FEAT_GETSOCKOPT,
+            Hook::PostBind4 | Hook::PostBind6 => FEAT_PID | FEAT_COMM | FEAT_CGROUP | FEAT_NETNS,
+            Hook::SockOps => FEAT_PID | FEAT_COMM | FEAT_CGROUP | FEAT_NETNS | FEAT_GETSOCKOPT,
             Hook::SockRelease => 0,
         }
     }
 }
 
 /// One hook as loaded on this kernel.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct HookStatus {
     pub hook: &'static str,
     pub attached: bool,
@@ -163,11 +168,14 @@ impl HookStatus {
     }
 }
 
-const HELPERS: [(u32, BpfHelper, &str); 4] = [
+/// Optional helpers: feature bit, helper, and the owner field it gives
+/// (empty for helpers that give none).
+const HELPERS: [(u32, BpfHelper, &str); 5] = [
     (FEAT_PID, BpfHelper::BPF_FUNC_get_current_pid_tgid, "pid"),
     (FEAT_COMM, BpfHelper::BPF_FUNC_get_current_comm, "comm"),
     (FEAT_CGROUP, BpfHelper::BPF_FUNC_get_current_cgroup_id, "cgroup"),
-    (FEAT_NETNS, BpfHelper::BPF_FUNC_get_netns_cookie, "netns"),
+    (FEAT_NETNS, BpfHelper::BPF_FUNC_get_netns_cookie, ""),
+    (FEAT_GETSOCKOPT, BpfHelper::BPF_FUNC_getsockopt, ""),
 ];
 
 /// Which of `hook`'s optional helpers the running kernel lets it call.
@@ -183,6 +191,8 @@ fn probe_features(hook: Hook) -> u32 {
 /// The loaded and attached programs, and the maps the daemon reads or feeds.
 pub struct Probes {
     events: AsyncFd<RingBuf<MapData>>,
+    /// The socket iterator, until the dumper takes it.
+    bound_iter: Option<BoundIter>,
     counters: PerCpuArray<MapData, u64>,
     tracked: BpfHashMap<MapData, u64, TrackedSocket>,
     netns_cookie: u64,
@@ -194,9 +204,11 @@ pub struct Probes {
 impl Probes {
     pub fn load(opts: &EbpfOptions<'_>) -> Result<Self, EbpfError> {
         let mut features: Vec<(Hook, u32)> = Hook::ALL.iter().map(|h| (*h, probe_features(*h))).collect();
+        let offsets = opts.bound_iter.then(iter_offsets);
+        let offsets_ok = offsets.as_ref().and_then(|r| r.as_ref().ok());
         // A hook the verifier refuses with its optional helpers is tried
         // once more without any: a probe can be wrong about an attach type.
-        let mut loaded = attach_all(opts, &features)?;
+        let mut loaded = attach_all(opts, &features, offsets_ok)?;
         let retry: Vec<Hook> = loaded
             .hooks
             .iter()
@@ -211,9 +223,9 @@ impl Probes {
             }
             tracing::info!(hooks = ?retry.iter().map(|h| h.name()).collect::<Vec<_>>(), "retrying refused hooks without optional helpers");
             drop(loaded);
-            loaded = attach_all(opts, &features)?;
+            loaded = attach_all(opts, &features, offsets_ok)?;
         }
-        let Loaded { mut ebpf, hooks } = loaded;
+        let Loaded { mut ebpf, mut hooks } = loaded;
         if !hooks.iter().any(|h| h.attached && h.kind.is_some_and(|k| k != Hook::Bind4 && k != Hook::Bind6)) {
             let why: Vec<String> =
                 hooks.iter().filter_map(|h| h.error.as_ref().map(|e| format!("{}: {e}", h.hook))).collect();
@@ -222,9 +234,18 @@ impl Probes {
         let mut config: Array<MapData, u64> = take_map(&mut ebpf, MAP_CONFIG)?;
         let needs_netns = hooks.iter().any(|h| h.attached && h.namespace_filter == "kernel");
         let netns_cookie = if needs_netns { learn_netns(&mut config).ok_or(EbpfError::NetnsUnknown)? } else { 0 };
+        let bound_iter = match offsets {
+            Some(offsets) => {
+                let (iter, status) = load_bound_iter(&mut ebpf, offsets.map(drop));
+                hooks.push(status);
+                iter
+            }
+            None => None,
+        };
         let ring: RingBuf<MapData> = take_map(&mut ebpf, MAP_EVENTS)?;
         Ok(Self {
             events: register(ring)?,
+            bound_iter,
             counters: take_map(&mut ebpf, MAP_COUNTERS)?,
             tracked: take_map(&mut ebpf, MAP_TRACKED)?,
             netns_cookie,
@@ -236,6 +257,11 @@ impl Probes {
     /// Every hook tried, attached or not.
     pub fn hooks(&self) -> &[HookStatus] {
         &self.hooks
+    }
+
+    /// The socket iterator, for the dumper (once).
+    pub fn take_bound_iter(&mut self) -> Option<BoundIter> {
+        self.bound_iter.take()
     }
 
     /// The watched namespace's cookie, as the kernel side learned it (0 when
@@ -265,7 +291,6 @@ impl Probes {
 
     pub fn counters(&self) -> KernelCounters {
         let sum = |i: u32| self.counters.get(&i, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0);
-        debug_assert!(COUNTER_NETNS_UNKNOWN < COUNTERS_LEN);
         KernelCounters {
             ring_full: sum(COUNTER_RING_FULL),
             track_full: sum(COUNTER_TRACK_FULL),
@@ -310,7 +335,11 @@ fn features_of(features: &[(Hook, u32)], hook: Hook) -> u32 {
     features.iter().find(|(h, _)| *h == hook).map_or(0, |(_, f)| *f)
 }
 
-fn attach_all(opts: &EbpfOptions<'_>, features: &[(Hook, u32)]) -> Result<Loaded, EbpfError> {
+fn attach_all(
+    opts: &EbpfOptions<'_>,
+    features: &[(Hook, u32)],
+    offsets: Option<&polarstack_ebpf_common::IterOffsets>,
+) -> Result<Loaded, EbpfError> {
     let feat = |h: Hook| features_of(features, h);
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(MAP_EVENTS, opts.ring_bytes).map_max_entries(MAP_TRACKED, opts.tracked_max);
@@ -321,6 +350,9 @@ fn attach_all(opts: &EbpfOptions<'_>, features: &[(Hook, u32)]) -> Result<Loaded
     for (global, value) in &globals {
         loader.override_global(global, value, true);
     }
+    if let Some(o) = offsets {
+        loader.override_global(GLOBAL_ITER_OFFSETS, o, true);
+    }
     let mut ebpf = loader.load(OBJECT).map_err(EbpfError::Load)?;
     let cgroup_path = opts.cgroup_root.display().to_string();
     let cgroup = File::open(opts.cgroup_root).map_err(|source| EbpfError::Cgroup { path: cgroup_path, source })?;
@@ -328,7 +360,7 @@ fn attach_all(opts: &EbpfOptions<'_>, features: &[(Hook, u32)]) -> Result<Loaded
     for hook in Hook::ALL {
         let result = attach(&mut ebpf, hook, &cgroup);
         let f = feat(hook);
-        let owner = HELPERS.iter().filter(|(bit, _, n)| f & bit != 0 && *n != "netns").map(|(_, _, n)| *n).collect();
+        let owner = HELPERS.iter().filter(|(bit, _, n)| f & bit != 0 && !n.is_empty()).map(|(_, _, n)| *n).collect();
         let namespace_filter = match hook {
             Hook::SockRelease => "kernel", // reports only sockets others entered
             _ if f & FEAT_NETNS != 0 => "kernel",
@@ -405,14 +437,66 @@ fn short_error(e: &HookError) -> String {
     }
 }
 
+/// The iterator's offsets for this kernel and this namespace.
+fn iter_offsets() -> Result<polarstack_ebpf_common::IterOffsets, String> {
+    let inum = iter::own_netns_inum().map_err(|e| format!("reading this network namespace's inode: {e}"))?;
+    let btf = btf::Btf::from_sys_fs().map_err(|e| e.to_string())?;
+    btf::iter_offsets(&btf, inum).map_err(|e| e.to_string())
+}
+
+/// Loads the socket iterator and runs it once, so a kernel that refuses it
+/// (or cannot run it) says so now rather than at the first resync.
+/// `offsets` is whether its offsets could be read from BTF.
+fn load_bound_iter(ebpf: &mut Ebpf, offsets: Result<(), String>) -> (Option<BoundIter>, HookStatus) {
+    let mut status = HookStatus {
+        hook: PROG_BOUND_SOCKETS,
+        attached: false,
+        covers: "TCP sockets bound but neither listening nor connected (sock_diag lists them only from 6.5), at full resyncs",
+        owner: vec!["pid", "comm"],
+        namespace_filter: "kernel",
+        error: None,
+        kind: None,
+    };
+    let result = (|| -> Result<BoundIter, String> {
+        if !iter::in_host_pid_namespace() {
+            return Err("not in the host's PID namespace (hostPID): the iterator would see this container's \
+                        tasks only"
+                .into());
+        }
+        offsets?;
+        let btf = aya::Btf::from_sys_fs().map_err(|e| format!("reading the kernel's BTF: {e}"))?;
+        let prog: &mut aya::programs::Iter = ebpf
+            .program_mut(PROG_BOUND_SOCKETS)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| format!("the eBPF object has no iterator named {PROG_BOUND_SOCKETS}"))?;
+        prog.load("task_file", &btf).map_err(|e| short_error(&HookError::Program(e)))?;
+        let fd = prog.fd().map_err(|e| e.to_string())?.as_fd().try_clone_to_owned().map_err(|e| e.to_string())?;
+        let iter = BoundIter::new(fd);
+        iter.read().map_err(|e| format!("running the iterator: {e}"))?;
+        Ok(iter)
+    })();
+    match result {
+        Ok(iter) => {
+            status.attached = true;
+            (Some(iter), status)
+        }
+        Err(e) => {
+            tracing::warn!(hook = PROG_BOUND_SOCKETS, error = %e, "socket iterator unavailable");
+            status.error = Some(e);
+            (None, status)
+        }
+    }
+}
+
 /// Makes the kernel side learn the watched namespace's cookie: the daemon
 /// writes a probe socket's cookie to `CONFIG_PROBE_COOKIE` and binds it; the
 /// first hook that sees it stores its namespace's cookie. The binds are made
 /// to fail after the bind hooks ran (an IPv4-mapped address on an IPv6-only
-/// socket; a TEST-NET address), so no port is taken, even for a moment.
+/// socket; a TEST-NET address), so no port is taken, even for a moment;
+/// only where the bind hooks are missing does a real bind follow.
 fn learn_netns(config: &mut Array<MapData, u64>) -> Option<u64> {
     let known = |c: &Array<MapData, u64>| c.get(&CONFIG_NETNS_COOKIE, 0).ok().filter(|v| *v != 0);
-    for attempt in [ProbeBind::MappedOnV6Only, ProbeBind::TestNet] {
+    for attempt in [ProbeBind::MappedOnV6Only, ProbeBind::TestNet, ProbeBind::Loopback] {
         let Ok(sock) = attempt.socket() else { continue };
         let Ok(cookie) = socket_cookie(&sock) else { continue };
         if config.set(CONFIG_PROBE_COOKIE, cookie, 0).is_err() {
@@ -435,13 +519,18 @@ enum ProbeBind {
     /// local). On a host that has that address it succeeds and post_bind
     /// learns instead; the socket is closed at once.
     TestNet,
+    /// Where the bind hooks did not load or cannot read namespace cookies: a
+    /// real bind, for post_bind to see. To 127.0.0.1 on a port the kernel picks, with
+    /// SO_REUSEADDR and never listening, so no PostgreSQL-style listener is
+    /// stopped from binding that port for the moment it is held.
+    Loopback,
 }
 
 impl ProbeBind {
     fn socket(self) -> io::Result<OwnedFd> {
         let family = match self {
             ProbeBind::MappedOnV6Only => libc::AF_INET6,
-            ProbeBind::TestNet => libc::AF_INET,
+            ProbeBind::TestNet | ProbeBind::Loopback => libc::AF_INET,
         };
         // SAFETY: plain syscall; the descriptor is owned by the OwnedFd.
         let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
@@ -450,14 +539,19 @@ impl ProbeBind {
         }
         // SAFETY: fd was just returned by socket() and is not owned elsewhere.
         let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-        if let ProbeBind::MappedOnV6Only = self {
+        let option = match self {
+            ProbeBind::MappedOnV6Only => Some((libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)),
+            ProbeBind::Loopback => Some((libc::SOL_SOCKET, libc::SO_REUSEADDR)),
+            ProbeBind::TestNet => None,
+        };
+        if let Some((level, name)) = option {
             let one: libc::c_int = 1;
             // SAFETY: the option value is a local int of the length passed.
             let rc = unsafe {
                 libc::setsockopt(
                     sock.as_raw_fd(),
-                    libc::IPPROTO_IPV6,
-                    libc::IPV6_V6ONLY,
+                    level,
+                    name,
                     (&one as *const libc::c_int).cast(),
                     std::mem::size_of::<libc::c_int>() as libc::socklen_t,
                 )
@@ -484,10 +578,11 @@ impl ProbeBind {
                         std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
                     );
                 }
-                ProbeBind::TestNet => {
+                ProbeBind::TestNet | ProbeBind::Loopback => {
+                    let ip = if matches!(self, ProbeBind::TestNet) { [192, 0, 2, 1] } else { [127, 0, 0, 1] };
                     let mut a: libc::sockaddr_in = std::mem::zeroed();
                     a.sin_family = libc::AF_INET as libc::sa_family_t;
-                    a.sin_addr.s_addr = u32::from_ne_bytes([192, 0, 2, 1]);
+                    a.sin_addr.s_addr = u32::from_ne_bytes(ip);
                     libc::bind(
                         sock.as_raw_fd(),
                         (&a as *const libc::sockaddr_in).cast(),

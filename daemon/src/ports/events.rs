@@ -19,6 +19,7 @@ pub struct KernelCounters {
 }
 
 /// A ring-buffer record the daemon could not use.
+#[cfg(feature = "ebpf")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     #[error("record of {0} bytes is shorter than an event")]
@@ -73,6 +74,9 @@ mod none {
             match *self {}
         }
         pub fn netns_cookie(&self) -> u64 {
+            match *self {}
+        }
+        pub fn take_bound_iter(&mut self) -> Option<crate::ports::iter::BoundIter> {
             match *self {}
         }
     }

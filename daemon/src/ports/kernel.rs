@@ -15,14 +15,14 @@ use super::{map::Tables, model::Proto};
 pub use super::ebpf::HookStatus;
 
 #[cfg(not(feature = "ebpf"))]
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct HookStatus {
     pub hook: &'static str,
     pub attached: bool,
 }
 
 /// The kernel, as far as the port map is concerned.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Kernel {
     /// `uname -r`.
     pub release: String,

@@ -54,6 +54,8 @@ pub struct DumpedSocket {
     pub port: u16,
     pub state: SockState,
     pub cgroup_id: u64,
+    /// The task holding it, where the dump can tell (the socket iterator).
+    pub owner: Option<Owner>,
 }
 
 /// A set of the kernel's socket tables, as a dump walks them. What each
@@ -81,6 +83,10 @@ impl Tables {
 
     pub fn intersection(self, other: Tables) -> Tables {
         Tables(self.0 & other.0)
+    }
+
+    pub fn complement(self) -> Tables {
+        Tables(Tables::ALL.0 & !self.0)
     }
 
     pub fn contains(self, other: Tables) -> bool {
@@ -134,7 +140,10 @@ impl Scope {
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     pub started_ns: u64,
+    /// What was asked for.
     pub scope: Scope,
+    /// The tables of `scope` the kernel could really list.
+    pub covered: Tables,
     pub sockets: Vec<DumpedSocket>,
 }
 
@@ -202,13 +211,13 @@ impl PortMap {
         self.sockets.values().filter(|s| s.untracked && !self.visible.contains(Tables::of(s.proto, s.state)))
     }
 
-    /// Whether a dump of `scope` that missed `s` proves it gone: the dump
-    /// walked the socket's table, and either sock_diag can list that table
-    /// on this kernel or the socket's release was seen (the close that
-    /// follows a release frees a bound port at once).
-    fn proves_gone(&self, scope: &Scope, s: &Socket) -> bool {
+    /// Whether a dump that missed `s` proves it gone: it was asked for the
+    /// socket's port and table, and either it could list that table or the
+    /// socket's release was seen (the close that follows a release frees a
+    /// bound port at once).
+    fn proves_gone(snap: &Snapshot, s: &Socket) -> bool {
         let table = Tables::of(s.proto, s.state);
-        scope.covers(s) && (self.visible.contains(table) || s.released)
+        snap.scope.covers(s) && (snap.covered.contains(table) || s.released)
     }
 
     /// Number of sockets held.
@@ -415,6 +424,9 @@ impl PortMap {
             match self.sockets.get_mut(&d.cookie) {
                 Some(s) => {
                     s.sock_cgroup_id = d.cgroup_id;
+                    if let Some(o) = &d.owner {
+                        s.owner = Some(s.owner.take().map_or_else(|| o.clone(), |mine| mine.or(o)));
+                    }
                     if s.last_event_ns < snap.started_ns {
                         // The dump is newer than anything the events said.
                         let updated =
@@ -433,7 +445,7 @@ impl PortMap {
                             port: d.port,
                             state: d.state,
                             reuse: None,
-                            owner: None,
+                            owner: d.owner.clone(),
                             sock_cgroup_id: d.cgroup_id,
                             source: Source::Snapshot,
                             first_seen: now,
@@ -452,7 +464,7 @@ impl PortMap {
         };
         for cookie in candidates {
             let stale = self.sockets.get(&cookie).is_some_and(|s| {
-                s.last_event_ns < snap.started_ns && !seen.contains(&cookie) && self.proves_gone(&snap.scope, s)
+                s.last_event_ns < snap.started_ns && !seen.contains(&cookie) && Self::proves_gone(snap, s)
             });
             if stale {
                 self.remove_counted(cookie, &mut stats, changes);
@@ -471,9 +483,12 @@ impl PortMap {
             sock.source = old.source;
             sock.last_event_ns = sock.last_event_ns.max(old.last_event_ns);
             sock.reuse = sock.reuse.or(old.reuse);
-            if sock.owner.is_none() {
-                sock.owner = old.owner.clone();
-            }
+            // Field by field: a hook that cannot read the comm (sock_ops on
+            // some kernels) must not erase what post_bind said.
+            sock.owner = match (sock.owner.take(), &old.owner) {
+                (Some(new), Some(prev)) => Some(new.or(prev)),
+                (new, prev) => new.or_else(|| prev.clone()),
+            };
             if sock.sock_cgroup_id == 0 {
                 sock.sock_cgroup_id = old.sock_cgroup_id;
             }
@@ -573,11 +588,29 @@ mod tests {
     }
 
     fn dumped(cookie: u64, port: u16, state: SockState) -> DumpedSocket {
-        DumpedSocket { cookie, proto: Proto::Tcp, family: Family::Ipv4, addr: ANY4, port, state, cgroup_id: 0 }
+        DumpedSocket {
+            cookie,
+            proto: Proto::Tcp,
+            family: Family::Ipv4,
+            addr: ANY4,
+            port,
+            state,
+            cgroup_id: 0,
+            owner: None,
+        }
     }
 
+    /// A dump of `scope` on a kernel that lists every table.
     fn snap(started_ns: u64, scope: Scope, sockets: Vec<DumpedSocket>) -> Snapshot {
-        Snapshot { started_ns, scope, sockets }
+        let covered = scope.tables;
+        Snapshot { started_ns, scope, covered, sockets }
+    }
+
+    /// A dump of `scope` on a kernel whose sock_diag cannot list bound TCP
+    /// sockets (before 6.5), without the socket iterator.
+    fn blind_snap(started_ns: u64, scope: Scope, sockets: Vec<DumpedSocket>) -> Snapshot {
+        let covered = scope.tables.intersection(Tables::BOUND.complement());
+        Snapshot { started_ns, scope, covered, sockets }
     }
 
     fn now() -> SystemTime {
@@ -737,7 +770,7 @@ mod tests {
         m.apply_event(&ev(EventKind::Bind, 1, 31000, 10), now(), &mut ch);
         // Dumps that cannot show it prove nothing, however recent.
         for scope in [Scope::FULL, Scope::FAST, Scope::ports([key].into(), Tables::ALL)] {
-            let stats = m.apply_snapshot(&snap(50, scope, vec![]), now(), &mut ch);
+            let stats = m.apply_snapshot(&blind_snap(50, scope, vec![]), now(), &mut ch);
             assert!(stats.removed.is_empty());
             assert!(m.is_taken(key), "a bound socket missing from a blind dump must stay taken");
         }
@@ -746,10 +779,14 @@ mod tests {
             m.apply_event(&ev(EventKind::Release, 1, 31000, 60), now(), &mut ch),
             EventEffect::Verify(key, Tables::BOUND)
         );
-        m.apply_snapshot(&snap(55, Scope::ports([key].into(), Tables::BOUND), vec![]), now(), &mut ch);
+        m.apply_snapshot(&blind_snap(55, Scope::ports([key].into(), Tables::BOUND), vec![]), now(), &mut ch);
         assert!(m.is_taken(key), "a dump that started before the release proves nothing");
-        m.apply_snapshot(&snap(70, Scope::ports([key].into(), Tables::BOUND), vec![]), now(), &mut ch);
+        m.apply_snapshot(&blind_snap(70, Scope::ports([key].into(), Tables::BOUND), vec![]), now(), &mut ch);
         assert!(!m.is_taken(key));
+        // Where the socket iterator lists them, a full dump is proof enough.
+        m.apply_event(&ev(EventKind::Bind, 2, 31001, 80), now(), &mut ch);
+        m.apply_snapshot(&snap(90, Scope::FULL, vec![]), now(), &mut ch);
+        assert!(!m.is_taken((Proto::Tcp, 31001)));
     }
 
     #[test]
@@ -835,6 +872,18 @@ mod tests {
         // Unknown flag (a socket only a dump saw) counts as blocking.
         m.apply_snapshot(&snap(40, Scope::FULL, vec![dumped(2, 8001, SockState::Bound)]), now(), &mut ch);
         assert!(m.is_taken((Proto::Tcp, 8001)));
+    }
+
+    #[test]
+    fn an_event_that_cannot_read_the_comm_keeps_the_one_post_bind_read() {
+        let mut m = PortMap::default();
+        let mut ch = vec![];
+        m.apply_event(&ev(EventKind::Bind, 1, 5432, 10), now(), &mut ch);
+        let mut listen = ev(EventKind::Listen, 1, 5432, 20);
+        listen.owner = Some(Owner { pid: 42, comm: String::new(), cgroup_id: 0 });
+        m.apply_event(&listen, now(), &mut ch);
+        let owner = m.get(1).and_then(|s| s.owner.clone()).expect("owner");
+        assert_eq!((owner.pid, owner.comm.as_str(), owner.cgroup_id), (42, "postgres", 7));
     }
 
     #[test]

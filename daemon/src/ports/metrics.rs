@@ -9,9 +9,9 @@ use polarstack_ebpf_common::EventKind;
 use super::{
     events::KernelCounters,
     kernel::BlindSpot,
-    map::{MergeStats, Scope, Tables},
+    map::{MergeStats, PortMap, Scope, Tables},
     model::Proto,
-    Mode, PortTable,
+    Mode, Status,
 };
 use crate::telemetry::{write_metric, MetricKind};
 
@@ -87,7 +87,7 @@ impl PortMetrics {
         (self.repairs_added.load(Relaxed), self.repairs_removed.load(Relaxed))
     }
 
-    pub fn render(&self, table: &PortTable, out: &mut String) {
+    pub fn render(&self, map: &PortMap, status: &Status, out: &mut String) {
         use MetricKind::{Counter, Gauge};
         let events: Vec<_> = KINDS
             .iter()
@@ -176,12 +176,11 @@ impl PortMetrics {
             "polarstack_ports_sockets",
             "Sockets holding a port in the watched namespace.",
             Gauge,
-            &one(table.map.len() as u64),
+            &one(map.len() as u64),
         );
-        let taken: Vec<_> =
-            Proto::ALL.iter().map(|p| (format!("proto=\"{p}\""), table.map.taken_count(*p) as f64)).collect();
+        let taken: Vec<_> = Proto::ALL.iter().map(|p| (format!("proto=\"{p}\""), map.taken_count(*p) as f64)).collect();
         write_metric(out, "polarstack_ports_taken", "Distinct taken ports.", Gauge, &taken);
-        let (ebpf, snapshot) = match table.status.mode {
+        let (ebpf, snapshot) = match status.mode {
             Mode::Ebpf => (1.0, 0.0),
             Mode::SnapshotOnly { .. } => (0.0, 1.0),
         };
@@ -192,8 +191,7 @@ impl PortMetrics {
             Gauge,
             &[("mode=\"ebpf\"".into(), ebpf), ("mode=\"snapshot-only\"".into(), snapshot)],
         );
-        let hooks: Vec<_> = table
-            .status
+        let hooks: Vec<_> = status
             .kernel
             .hooks
             .iter()
@@ -209,7 +207,7 @@ impl PortMetrics {
         let blind: Vec<_> = BlindSpot::KINDS
             .iter()
             .map(|k| {
-                let on = table.status.blind_spots.iter().any(|b| b.kind() == *k);
+                let on = status.blind_spots.iter().any(|b| b.kind() == *k);
                 (format!("kind=\"{k}\""), f64::from(u8::from(on)))
             })
             .collect();
@@ -225,21 +223,21 @@ impl PortMetrics {
             "polarstack_ports_unverifiable_ports",
             "Ports held by bound sockets whose release cannot be observed (tracking table full, dumps blind).",
             Gauge,
-            &one(table.status.unverifiable.len() as u64),
+            &one(status.unverifiable.len() as u64),
         );
         write_metric(
             out,
             "polarstack_ports_ready",
             "1 once the first full dump is merged.",
             Gauge,
-            &one(table.status.ready as u64),
+            &one(status.ready as u64),
         );
         write_metric(
             out,
             "polarstack_ports_stale",
             "1 while lost events await a repairing resync (nothing is reported free).",
             Gauge,
-            &one(table.status.stale as u64),
+            &one(status.stale as u64),
         );
     }
 }

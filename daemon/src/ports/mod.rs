@@ -24,36 +24,42 @@
 //!
 //! Kernels differ (`kernel.rs`): each hook is loaded on its own, and what the
 //! running kernel hides is stated as a blind spot, never answered as certain.
+#[cfg(feature = "ebpf")]
+mod btf;
 pub mod cgroup;
 mod clock;
 #[cfg(feature = "ebpf")]
 pub mod ebpf;
 mod events;
+mod iter;
 pub mod kernel;
 pub mod map;
 pub mod metrics;
 pub mod model;
+pub mod occupancy;
 pub mod sockdiag;
 mod tracker;
 
 use std::{
     collections::BTreeSet,
+    ops::RangeInclusive,
     path::PathBuf,
     sync::{Arc, RwLock, RwLockReadGuard},
     time::{Duration, SystemTime},
 };
 
 use serde::Serialize;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use self::{
     cgroup::ContainerIds,
     events::{KernelCounters, Probes},
     kernel::{BlindSpot, HookStatus, Kernel},
-    map::{Change, PortMap, Scope, Tables},
+    map::{PortKey, PortMap, Scope, Tables},
     metrics::PortMetrics,
-    model::Proto,
+    model::{Proto, Socket},
+    occupancy::{Claim, ClaimSet, ClaimSource, Claims, Unsure, Verdict},
     sockdiag::{DumpError, SockDiag},
     tracker::Tracker,
 };
@@ -78,6 +84,9 @@ pub struct PortsConfig {
     pub tracked_max: u32,
     /// Do not load eBPF even when built with it (an operator's choice).
     pub disable_ebpf: bool,
+    /// List bound TCP sockets with the socket iterator even where sock_diag
+    /// can (6.5+): for testing the iterator on such kernels.
+    pub force_bound_iter: bool,
     /// cgroup v2 mount to attach to; found automatically when None.
     pub cgroup_root: Option<PathBuf>,
 }
@@ -93,7 +102,7 @@ pub enum Mode {
 }
 
 /// What readers need to know about how far to trust the map.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Status {
     #[serde(flatten)]
     pub mode: Mode,
@@ -128,9 +137,12 @@ impl Status {
     }
 }
 
-pub struct PortTable {
-    pub map: PortMap,
-    pub status: Status,
+/// The ports domain's state: the sockets, the claims, and the map's status.
+/// Written by the tracker alone; read through [`Ports`].
+pub(crate) struct PortTable {
+    map: PortMap,
+    claims: Claims,
+    status: Status,
 }
 
 impl PortTable {
@@ -146,52 +158,226 @@ impl PortTable {
         self.status.blind_spots =
             Kernel { hooks: Vec::new(), ..self.status.kernel.clone() }.blind_spots(SystemTime::now());
     }
+
+    fn verdict(&self, key: PortKey) -> Verdict {
+        occupancy::verdict(&self.map, &self.claims, &self.status, key)
+    }
+
+    /// Taken by a socket or a claim (what the change stream follows).
+    fn is_taken(&self, key: PortKey) -> bool {
+        self.map.is_taken(key) || self.claims.any(key)
+    }
+}
+
+/// A port becoming taken or free.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    Taken,
+    Freed,
 }
 
 /// A port becoming taken or free, as the watch stream reports it.
 #[derive(Clone, Debug, Serialize)]
 pub struct PortChange {
-    pub change: &'static str,
+    pub kind: ChangeKind,
     pub proto: Proto,
     pub port: u16,
     pub at: SystemTime,
 }
 
-impl PortChange {
-    fn new(c: Change, at: SystemTime) -> Self {
-        let (change, (proto, port)) = match c {
-            Change::Taken(k) => ("taken", k),
-            Change::Freed(k) => ("freed", k),
-        };
-        Self { change, proto, port, at }
-    }
+/// One port, as the HTTP API shows it: the verdict and everything behind it.
+#[derive(Clone, Debug)]
+pub struct PortDetail {
+    pub verdict: Verdict,
+    pub sockets: Vec<Socket>,
+    pub claims: Vec<Claim>,
 }
 
-/// Read access to the port map, for sinks.
+/// The first free ports of a range, and how sure that is.
+#[derive(Clone, Debug)]
+pub struct FreePorts {
+    pub ports: Vec<u16>,
+    /// A lasting reason the ports listed may still be taken (a blind spot of
+    /// this kernel); None when they are certainly free.
+    pub caveat: Option<Unsure>,
+}
+
+/// What a socket listing selects.
+#[derive(Clone, Debug)]
+pub struct SocketFilter {
+    pub protos: Vec<Proto>,
+    pub family: Option<model::Family>,
+    pub state: Option<model::SockState>,
+    pub range: RangeInclusive<u16>,
+}
+
+/// Read access to the ports domain, for sinks: answers are copied out, never
+/// borrowed, so no sink holds the table's lock.
 #[derive(Clone)]
 pub struct Ports {
     table: Arc<RwLock<PortTable>>,
     changes: broadcast::Sender<PortChange>,
-    pub metrics: Arc<PortMetrics>,
-    pub containers: Arc<ContainerIds>,
+    status: watch::Receiver<Status>,
+    metrics: Arc<PortMetrics>,
+    containers: Arc<ContainerIds>,
 }
 
 impl Ports {
-    pub fn read(&self) -> RwLockReadGuard<'_, PortTable> {
+    fn read(&self) -> RwLockReadGuard<'_, PortTable> {
         // A panicking writer would have taken the daemon down; the data is
         // still consistent (updates are applied whole), so read through poison.
         self.table.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The verdict on one port of one protocol.
+    pub fn verdict(&self, proto: Proto, port: u16) -> Verdict {
+        self.read().verdict((proto, port))
+    }
+
+    /// One port in every protocol asked for: the strongest verdict (taken
+    /// over unsure over free), with the sockets and claims behind it.
+    pub fn detail(&self, protos: &[Proto], port: u16) -> PortDetail {
+        let t = self.read();
+        let mut verdicts: Vec<Verdict> = protos.iter().map(|p| t.verdict((*p, port))).collect();
+        verdicts.sort_by_key(|v| match v {
+            Verdict::Taken(_) => 0,
+            Verdict::Unsure(_) => 1,
+            Verdict::Free => 2,
+        });
+        let mut verdict = verdicts.into_iter().next().unwrap_or(Verdict::Free);
+        if let Verdict::Taken(reasons) = &mut verdict {
+            // Taken in several protocols: every reason counts.
+            let all: Vec<_> = protos
+                .iter()
+                .filter_map(|p| match t.verdict((*p, port)) {
+                    Verdict::Taken(r) => Some(r),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            *reasons = all;
+        }
+        PortDetail {
+            verdict,
+            sockets: protos.iter().flat_map(|p| t.map.sockets_on((*p, port))).cloned().collect(),
+            claims: protos.iter().flat_map(|p| t.claims.on((*p, port))).cloned().collect(),
+        }
+    }
+
+    /// Up to `limit` sockets the filter selects, from port `after` (exclusive)
+    /// on, whole ports at a time; and the port to continue after, if more.
+    pub fn sockets(
+        &self,
+        f: &SocketFilter,
+        after: Option<(Proto, u16)>,
+        limit: usize,
+    ) -> (Vec<Socket>, Option<(Proto, u16)>) {
+        let t = self.read();
+        let mut out = Vec::new();
+        let mut previous: Option<Proto> = None;
+        for proto in &f.protos {
+            if let Some(prev) = previous.filter(|_| out.len() >= limit) {
+                return (out, Some((prev, u16::MAX))); // the page ended with a protocol
+            }
+            previous = Some(*proto);
+            let start = match after {
+                Some((p, _)) if p > *proto => continue,
+                Some((p, port)) if p == *proto => match port.checked_add(1) {
+                    Some(next) => next.max(*f.range.start()),
+                    None => continue,
+                },
+                _ => *f.range.start(),
+            };
+            if start > *f.range.end() {
+                continue;
+            }
+            let mut last_port = None;
+            for s in t.map.sockets_in(*proto, start..=*f.range.end()) {
+                if out.len() >= limit && last_port != Some(s.port) {
+                    return (out, last_port.map(|p| (*proto, p)));
+                }
+                last_port = Some(s.port);
+                if f.family.is_none_or(|fa| fa == s.family) && f.state.is_none_or(|st| st == s.state) {
+                    out.push(s.clone());
+                }
+            }
+        }
+        (out, None)
+    }
+
+    /// The first `count` ports of `range` free in every protocol of `protos`,
+    /// or why none can be promised (a transient condition: retry).
+    pub fn free(&self, protos: &[Proto], range: RangeInclusive<u16>, count: usize) -> Result<FreePorts, Unsure> {
+        let t = self.read();
+        let mut caveat = None;
+        let mut ports = Vec::new();
+        for port in range {
+            if ports.len() >= count {
+                break;
+            }
+            let mut free = true;
+            for p in protos {
+                match t.verdict((*p, port)) {
+                    Verdict::Free => {}
+                    Verdict::Taken(_) | Verdict::Unsure(Unsure::Unverifiable) => free = false,
+                    Verdict::Unsure(u) if u.is_transient() => return Err(u),
+                    Verdict::Unsure(u) => caveat = Some(u),
+                }
+            }
+            if free {
+                ports.push(port);
+            }
+        }
+        Ok(FreePorts { ports, caveat })
+    }
+
+    /// Ports of `ranges` taken in TCP or UDP (by sockets or claims): what the
+    /// port-usage ConfigMap lists. None while the map has never been complete
+    /// or a claim source has not been read: a list then could miss ports.
+    pub fn taken_in(&self, ranges: &[RangeInclusive<u16>]) -> Option<BTreeSet<u16>> {
+        let t = self.read();
+        if !t.status.ready || t.claims.unread().is_some() {
+            return None;
+        }
+        let mut keys = BTreeSet::new();
+        for r in ranges {
+            for proto in Proto::ALL {
+                keys.extend(t.map.taken_in(proto, r.clone()));
+                keys.extend(t.claims.claimed_in(proto, r.clone()));
+            }
+            keys.extend(t.status.unverifiable.iter().map(|(_, p)| *p).filter(|p| r.contains(p)));
+        }
+        Some(keys)
+    }
+
+    /// The map's status, as it changes.
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// One claim source's set, as the ports domain last received it.
+    pub fn claims(&self, source: ClaimSource) -> Option<ClaimSet> {
+        self.read().claims.set(source).cloned()
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<PortChange> {
         self.changes.subscribe()
     }
 
+    /// The container a cgroup id belongs to, for owners.
+    pub fn container_of(&self, cgroup_id: u64) -> Option<String> {
+        self.containers.lookup(cgroup_id)
+    }
+
     pub fn render_metrics(&self, out: &mut String) {
-        let table = self.read();
-        self.metrics.render(&table, out);
+        let t = self.read();
+        self.metrics.render(&t.map, &t.status, out);
     }
 }
+
+/// What else makes ports taken: one watched set per claim source.
+pub type ClaimInputs = Vec<(ClaimSource, watch::Receiver<ClaimSet>)>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -204,12 +390,15 @@ pub enum StartError {
 /// Starts the ports domain: loads eBPF (or explains why not), starts the
 /// dumper and the owner task. Returns at once; `/readyz` tells when the first
 /// dump is in.
-pub fn start(cfg: PortsConfig, shutdown: CancellationToken) -> Result<Ports, StartError> {
+pub fn start(cfg: PortsConfig, inputs: ClaimInputs, shutdown: CancellationToken) -> Result<Ports, StartError> {
     let started = SystemTime::now();
     let cgroup_root = cfg.cgroup_root.clone().or_else(cgroup::find_root);
-    let diag = SockDiag::new().map_err(StartError::SockDiag)?;
+    let mut diag = SockDiag::new().map_err(StartError::SockDiag)?;
+    let (mut probes, mode) = load_probes(&cfg, cgroup_root.as_deref(), diag.visible());
+    if let Some(iter) = probes.as_mut().and_then(Probes::take_bound_iter) {
+        diag.set_bound_iter(iter);
+    }
     let visible = diag.visible();
-    let (probes, mode) = load_probes(&cfg, cgroup_root.as_deref());
     let hooks: Vec<HookStatus> = probes.as_ref().map(|p| p.hooks().to_vec()).unwrap_or_default();
     let kernel = Kernel::new(visible, hooks);
     let blind_spots = kernel.blind_spots(started);
@@ -250,11 +439,17 @@ pub fn start(cfg: PortsConfig, shutdown: CancellationToken) -> Result<Ports, Sta
         blind_spots,
         unverifiable: BTreeSet::new(),
     };
-    let table = Arc::new(RwLock::new(PortTable { map: PortMap::new(visible), status }));
+    let mut claims = Claims::default();
+    for (source, _) in &inputs {
+        claims.expect(*source);
+    }
+    let (status_tx, status_rx) = watch::channel(status.clone());
+    let table = Arc::new(RwLock::new(PortTable { map: PortMap::new(visible), claims, status }));
     let (changes, _) = broadcast::channel(4096);
     let ports = Ports {
         table: table.clone(),
         changes: changes.clone(),
+        status: status_rx,
         metrics: Arc::new(PortMetrics::default()),
         containers: Arc::new(ContainerIds::new(cgroup_root)),
     };
@@ -264,6 +459,7 @@ pub fn start(cfg: PortsConfig, shutdown: CancellationToken) -> Result<Ports, Sta
     let tracker = Tracker {
         table,
         changes,
+        status: status_tx,
         metrics: ports.metrics.clone(),
         netns_cookie,
         visible,
@@ -279,19 +475,24 @@ pub fn start(cfg: PortsConfig, shutdown: CancellationToken) -> Result<Ports, Sta
         recover_tracked: false,
         counters_seen: KernelCounters::default(),
     };
-    tokio::spawn(tracker.run(probes, dump_res_rx, periods, shutdown));
+    tokio::spawn(tracker.run(probes, dump_res_rx, tracker::claim_updates(inputs), periods, shutdown));
     Ok(ports)
 }
 
 #[cfg(feature = "ebpf")]
-fn load_probes(cfg: &PortsConfig, cgroup_root: Option<&std::path::Path>) -> (Option<Probes>, Mode) {
+fn load_probes(cfg: &PortsConfig, cgroup_root: Option<&std::path::Path>, visible: Tables) -> (Option<Probes>, Mode) {
     if cfg.disable_ebpf {
         return (None, Mode::SnapshotOnly { reason: "eBPF disabled by --disable-ebpf".into() });
     }
     let Some(root) = cgroup_root else {
         return (None, Mode::SnapshotOnly { reason: "no cgroup v2 mount found to attach to".into() });
     };
-    let opts = ebpf::EbpfOptions { cgroup_root: root, ring_bytes: cfg.ring_bytes, tracked_max: cfg.tracked_max };
+    let opts = ebpf::EbpfOptions {
+        cgroup_root: root,
+        ring_bytes: cfg.ring_bytes,
+        tracked_max: cfg.tracked_max,
+        bound_iter: !visible.contains(Tables::BOUND) || cfg.force_bound_iter,
+    };
     match ebpf::Probes::load(&opts) {
         Ok(p) => (Some(p), Mode::Ebpf),
         Err(e) => (None, Mode::SnapshotOnly { reason: format!("eBPF unavailable: {e}") }),
@@ -299,6 +500,6 @@ fn load_probes(cfg: &PortsConfig, cgroup_root: Option<&std::path::Path>) -> (Opt
 }
 
 #[cfg(not(feature = "ebpf"))]
-fn load_probes(_: &PortsConfig, _: Option<&std::path::Path>) -> (Option<Probes>, Mode) {
+fn load_probes(_: &PortsConfig, _: Option<&std::path::Path>, _: Tables) -> (Option<Probes>, Mode) {
     (None, Mode::SnapshotOnly { reason: "built without eBPF (--no-default-features)".into() })
 }

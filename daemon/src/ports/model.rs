@@ -169,6 +169,17 @@ pub struct Owner {
     pub cgroup_id: u64,
 }
 
+impl Owner {
+    /// This owner, with the fields it does not know taken from `other`.
+    pub fn or(self, other: &Owner) -> Owner {
+        Owner {
+            pid: if self.pid != 0 { self.pid } else { other.pid },
+            comm: if self.comm.is_empty() { other.comm.clone() } else { self.comm },
+            cgroup_id: if self.cgroup_id != 0 { self.cgroup_id } else { other.cgroup_id },
+        }
+    }
+}
+
 /// Where the map first learned about a socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]

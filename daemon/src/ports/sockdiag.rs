@@ -16,8 +16,9 @@ use std::{
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket};
 
 use super::{
+    iter::BoundIter,
     map::{DumpedSocket, Scope, Tables},
-    model::{addr_from_bytes, Family, Proto, SockState},
+    model::{addr_from_bytes, comm_to_string, Family, Owner, Proto, SockState},
 };
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -72,6 +73,8 @@ pub enum DumpError {
     Open(#[source] io::Error),
     #[error("binding the probe socket that tells whether bound TCP sockets can be listed: {0}")]
     Probe(#[source] io::Error),
+    #[error("running the socket iterator: {0}")]
+    Iterator(#[source] io::Error),
     #[error("sending a sock_diag request for {proto}/{family:?}: {source}")]
     Send { proto: Proto, family: Family, source: io::Error },
     #[error("reading sock_diag replies for {proto}/{family:?}: {source}")]
@@ -82,28 +85,54 @@ pub enum DumpError {
     Malformed { proto: Proto, family: Family, what: &'static str },
 }
 
-/// A reusable dumper: one netlink socket and one receive buffer.
+/// A reusable dumper: one netlink socket and one receive buffer, and where
+/// sock_diag cannot list bound TCP sockets, the socket iterator.
 pub struct SockDiag {
     sock: Socket,
     buf: Vec<u8>,
     seq: u32,
-    /// The tables this kernel can list (see [`SockDiag::probe_visible`]).
-    visible: Tables,
+    /// The tables sock_diag can list on this kernel (see [`SockDiag::probe_visible`]).
+    diag_visible: Tables,
+    bound_iter: Option<BoundIter>,
 }
+
+/// What a dump found, and which tables it really listed (a table the kernel
+/// cannot list proves nothing about the sockets that would be in it).
+pub struct Dump {
+    pub sockets: Vec<DumpedSocket>,
+    pub covered: Tables,
+}
+
+/// Cookies of iterator-found sockets whose cookie was never generated: their
+/// inode with the top bit set, which no kernel cookie reaches.
+const PSEUDO_COOKIE: u64 = 1 << 63;
 
 impl SockDiag {
     pub fn new() -> Result<Self, DumpError> {
         let mut sock = Socket::new(NETLINK_SOCK_DIAG).map_err(DumpError::Open)?;
         sock.bind_auto().map_err(DumpError::Open)?;
         // Large reads: the kernel fills up to the buffer per recv.
-        let mut diag = Self { sock, buf: vec![0; 1 << 20], seq: 0, visible: Tables::ALL };
-        diag.visible = diag.probe_visible()?;
+        let mut diag = Self { sock, buf: vec![0; 1 << 20], seq: 0, diag_visible: Tables::ALL, bound_iter: None };
+        diag.diag_visible = diag.probe_visible()?;
         Ok(diag)
     }
 
-    /// The tables a dump can list on this kernel.
+    /// The tables a dump can list on this kernel: sock_diag's, and the bound
+    /// table through the iterator where it runs.
     pub fn visible(&self) -> Tables {
-        self.visible
+        match self.bound_iter {
+            Some(_) => self.diag_visible.union(Tables::BOUND),
+            None => self.diag_visible,
+        }
+    }
+
+    /// Lists bound TCP sockets with the socket iterator from now on (full
+    /// dumps only: it walks every task's open files), instead of sock_diag
+    /// (which can list them only from 6.5; on newer kernels this is for
+    /// testing the older kernels' path).
+    pub fn set_bound_iter(&mut self, iter: BoundIter) {
+        self.diag_visible = self.diag_visible.intersection(Tables::BOUND.complement());
+        self.bound_iter = Some(iter);
     }
 
     /// Whether sock_diag lists TCP sockets that are bound but neither
@@ -127,8 +156,9 @@ impl SockDiag {
     }
 
     /// Dumps the sockets in `scope` (TCP and UDP, IPv4 and IPv6).
-    pub fn dump(&mut self, scope: &Scope) -> Result<Vec<DumpedSocket>, DumpError> {
+    pub fn dump(&mut self, scope: &Scope) -> Result<Dump, DumpError> {
         let mut out = Vec::new();
+        let mut covered = scope.tables.intersection(self.diag_visible);
         for proto in Proto::ALL {
             let filter = match &scope.ports {
                 None => None,
@@ -143,7 +173,7 @@ impl SockDiag {
             };
             // Only what this kernel can list: an unknown state bit would make
             // an older kernel walk the established hash for nothing.
-            let tables = scope.tables.intersection(self.visible);
+            let tables = scope.tables.intersection(self.diag_visible);
             let states = match proto {
                 Proto::Udp if tables.contains(Tables::UDP) => UDP_STATES,
                 Proto::Tcp => tcp_states(tables),
@@ -156,7 +186,32 @@ impl SockDiag {
                 self.dump_one(proto, family, states, filter.as_deref(), &mut out)?;
             }
         }
-        Ok(out)
+        // The iterator walks every task's files: full dumps only. Targeted
+        // checks of bound sockets rely on their release events instead.
+        let iterate = scope.ports.is_none() && scope.tables.contains(Tables::BOUND) && !covered.contains(Tables::BOUND);
+        if let (true, Some(iter)) = (iterate, &self.bound_iter) {
+            let records = iter.read().map_err(DumpError::Iterator)?;
+            let mut seen = BTreeSet::new();
+            for r in records {
+                let cookie = if r.cookie != 0 { r.cookie } else { PSEUDO_COOKIE | r.ino };
+                let Some(family) = Family::from_af(r.family) else { continue };
+                if !seen.insert(cookie) {
+                    continue; // the same socket open in another task
+                }
+                out.push(DumpedSocket {
+                    cookie,
+                    proto: Proto::Tcp,
+                    family,
+                    addr: addr_from_bytes(family, &r.addr),
+                    port: r.port,
+                    state: SockState::Bound,
+                    cgroup_id: 0,
+                    owner: Some(Owner { pid: r.tgid, comm: comm_to_string(&r.comm), cgroup_id: 0 }),
+                });
+            }
+            covered = covered.union(Tables::BOUND);
+        }
+        Ok(Dump { sockets: out, covered })
     }
 
     fn dump_one(
@@ -303,6 +358,7 @@ fn parse_socket(body: &[u8], proto: Proto) -> Option<DumpedSocket> {
         port,
         state,
         cgroup_id,
+        owner: None,
     })
 }
 

@@ -11,7 +11,7 @@ use std::{
 
 use polarstack_ebpf_common::TrackedSocket;
 use tokio::{
-    sync::{broadcast, mpsc},
+    sync::{broadcast, mpsc, watch},
     time::{self, Instant, MissedTickBehavior},
 };
 use tokio_util::sync::CancellationToken;
@@ -21,11 +21,33 @@ use super::{
     events::{self, KernelCounters, Probes},
     map::{self, Change, EventEffect, MergeStats, PortKey, Scope, Snapshot, Tables},
     metrics::PortMetrics,
-    sockdiag::{DumpError, SockDiag, MAX_FILTERED_PORTS},
-    PortChange, PortTable, PortsConfig,
+    occupancy::{ClaimSet, ClaimSource},
+    sockdiag::{Dump, DumpError, SockDiag, MAX_FILTERED_PORTS},
+    ChangeKind, ClaimInputs, PortChange, PortTable, PortsConfig, Status,
 };
+use crate::retry;
 
-pub(super) type DumpResult = (Scope, u64, Result<Vec<map::DumpedSocket>, DumpError>, Duration);
+/// Forwards every claim source's changes into one channel the tracker reads.
+pub(super) fn claim_updates(inputs: ClaimInputs) -> mpsc::UnboundedReceiver<(ClaimSource, ClaimSet)> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    for (source, mut set) in inputs {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let current = set.borrow_and_update().clone();
+                if tx.send((source, current)).is_err() {
+                    return; // the tracker stopped
+                }
+                if set.changed().await.is_err() {
+                    return; // the source stopped; its last set stays
+                }
+            }
+        });
+    }
+    rx
+}
+
+pub(super) type DumpResult = (Scope, u64, Result<Dump, DumpError>, Duration);
 
 /// sock_diag dumps are blocking syscalls: one thread does them all, reusing
 /// its netlink socket and buffer. It lives in the daemon's network namespace
@@ -51,6 +73,8 @@ pub(super) fn spawn_dumper(
 pub(super) struct Tracker {
     pub table: Arc<RwLock<PortTable>>,
     pub changes: broadcast::Sender<PortChange>,
+    /// A copy of the table's status for sinks that follow it.
+    pub status: watch::Sender<Status>,
     pub metrics: Arc<PortMetrics>,
     /// The watched namespace's cookie (0 when unknown: no backstop filter).
     pub netns_cookie: u64,
@@ -83,6 +107,7 @@ impl Tracker {
         mut self,
         mut probes: Option<Probes>,
         mut dumps: mpsc::Receiver<DumpResult>,
+        mut claims: mpsc::UnboundedReceiver<(ClaimSource, ClaimSet)>,
         (fast_period, full_period): (Duration, Duration),
         shutdown: CancellationToken,
     ) {
@@ -122,14 +147,39 @@ impl Tracker {
                     self.check_counters(&probes);
                     self.apply_dump(done, &mut probes);
                 }
+                Some((source, set)) = claims.recv() => self.apply_claims(source, set),
                 _ = fast_tick.tick() => self.fast_pending = true,
                 _ = full_tick.tick() => self.full_pending = true,
                 _ = loss_tick.tick(), if probes.is_some() => self.check_counters(&probes),
-                _ = sleep_until(verify_at), if verify_at.is_some() => {}
+                () = retry::sleep_until(verify_at), if verify_at.is_some() => {}
             }
             self.kick();
+            self.publish_status();
         }
         tracing::debug!("port tracker stopped; eBPF links detach as the probes drop");
+    }
+
+    /// A claim source's new set: the ports whose occupancy it changes are
+    /// reported like socket changes.
+    fn apply_claims(&mut self, source: ClaimSource, set: ClaimSet) {
+        let now = SystemTime::now();
+        let changes = {
+            let mut table = write(&self.table);
+            let mut keys: Vec<PortKey> = set.claims.keys().copied().collect();
+            keys.extend(table.claims.set(source).into_iter().flat_map(|s| s.claims.keys().copied()));
+            keys.sort_unstable();
+            keys.dedup();
+            let before: Vec<bool> = keys.iter().map(|k| table.is_taken(*k)).collect();
+            table.claims.replace(source, set);
+            keys.into_iter()
+                .zip(before)
+                .filter_map(|(k, was)| {
+                    let now_taken = table.is_taken(k);
+                    (now_taken != was).then_some(if now_taken { Change::Taken(k) } else { Change::Freed(k) })
+                })
+                .collect()
+        };
+        self.publish(changes, now);
     }
 
     fn apply_events(&mut self, batch: &[map::Event]) {
@@ -165,7 +215,7 @@ impl Tracker {
         let full = scope == Scope::FULL;
         let periodic = scope.ports.is_none();
         let snap = match res {
-            Ok(sockets) => Snapshot { started_ns, scope, sockets },
+            Ok(Dump { sockets, covered }) => Snapshot { started_ns, scope, covered, sockets },
             Err(e) => {
                 // Fail safe: the map keeps what it has (busy stays busy), and
                 // the dump is retried at the next tick.
@@ -316,11 +366,36 @@ impl Tracker {
         self.full_pending = true;
     }
 
+    /// Streams occupancy changes. Changes of the socket map on a port a
+    /// claim also holds change nothing a reader sees, and are dropped.
     fn publish(&self, changes: Vec<Change>, at: SystemTime) {
-        for c in changes {
-            // No receivers is fine: nobody is watching.
-            let _ = self.changes.send(PortChange::new(c, at));
+        if changes.is_empty() {
+            return;
         }
+        let table = self.table.read().unwrap_or_else(|p| p.into_inner());
+        for c in changes {
+            let (kind, key) = match c {
+                Change::Taken(k) => (ChangeKind::Taken, k),
+                Change::Freed(k) => (ChangeKind::Freed, k),
+            };
+            if (kind == ChangeKind::Taken) != table.is_taken(key) {
+                continue; // masked by a claim, or undone since
+            }
+            // No receivers is fine: nobody is watching.
+            let _ = self.changes.send(PortChange { kind, proto: key.0, port: key.1, at });
+        }
+    }
+
+    /// Mirrors the table's status to the sinks that follow it.
+    fn publish_status(&self) {
+        let current = self.table.read().unwrap_or_else(|p| p.into_inner()).status.clone();
+        self.status.send_if_modified(|s| {
+            let changed = *s != current;
+            if changed {
+                *s = current;
+            }
+            changed
+        });
     }
 }
 
@@ -336,11 +411,4 @@ fn write(table: &RwLock<PortTable>) -> std::sync::RwLockWriteGuard<'_, PortTable
     // Updates are applied whole, so the data behind a poisoned lock is still
     // consistent.
     table.write().unwrap_or_else(|p| p.into_inner())
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(t) => time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
 }
