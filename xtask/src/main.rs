@@ -11,6 +11,10 @@
 //!   cargo xtask fake-apiserver [-- ARGS] the tests' fake Kubernetes API server, by hand
 //!   cargo xtask image [--binary PATH] [--tag NAME] [--no-save]
 //!                                       the offline container image, into the local dockerd
+//!   cargo xtask vm-test [--kernel 5.10|6.1|6.12|all] [--timeout SECS] [-- TEST ARGS]
+//!                                       the port and kernel tests on Debian's kernels, in QEMU (vm.rs)
+mod vm;
+
 use std::{
     env,
     path::{Path, PathBuf},
@@ -61,12 +65,14 @@ fn main() {
         "bench" => bench(rest.first().map(String::as_str).unwrap_or("ports")),
         "fake-apiserver" => fake_apiserver(&passthrough),
         "image" => image(rest),
+        "vm-test" => vm::vm_test(rest),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n  run [-- FLAGS]    set up, build and run the daemon standalone on this host\n  \
                  test [-- ARGS]    set up, build and run every test\n  build-ebpf        build {OBJECT}\n  \
                  setup             install the eBPF toolchain, test tools, and mount tracefs\n  bench ports|logs|kube  benchmarks\n  fake-apiserver    serve the tests' fake Kubernetes API server (-- --help)\n  \
-                 image [--binary PATH] [--tag NAME] [--no-save]  build the offline image into the local dockerd"
+                 image [--binary PATH] [--tag NAME] [--no-save]  build the offline image into the local dockerd\n  \
+                 vm-test [--kernel 5.10|6.1|6.12|all] [--timeout SECS] [-- ARGS]  the port tests on Debian's kernels in QEMU"
             );
             exit(2);
         }
