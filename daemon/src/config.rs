@@ -6,7 +6,10 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 use clap::Parser;
 
 use crate::{
-    engines::EnginesConfig,
+    engines::{
+        runtime::{DockerEndpoint, DockerHostError},
+        EnginesConfig,
+    },
     kube::{Access, ClusterConfig},
     logs::LogSweepArgs,
     network::NicConfig,
@@ -37,9 +40,12 @@ pub struct Flags {
     #[arg(long, default_value = "polardb4mpd-controller")]
     pub mpd_controller_cm_name: String,
 
-    /// Label selector of the daemon's own pods.
-    #[arg(long, default_value = "app=polarstack-daemon")]
-    pub polarstack_daemon_pod_labels: String,
+    /// Label selector of the daemon's own pods (default app=polarstack-daemon).
+    /// Accepted for the original's DaemonSet; it has no effect here: a
+    /// cluster-wide rescan reaches every node through the API server, not by
+    /// calling peer pods.
+    #[arg(long)]
+    pub polarstack_daemon_pod_labels: Option<String>,
 
     /// Path to a kubeconfig; without it and outside a pod the daemon runs standalone.
     #[arg(long)]
@@ -59,9 +65,11 @@ pub struct Flags {
     #[arg(long, env = "NET_MASK")]
     pub net_mask: Option<String>,
 
-    /// Docker Engine API socket (used when present).
-    #[arg(long, default_value = "/var/run/docker.sock")]
-    pub docker_socket: PathBuf,
+    /// Docker Engine API socket (used when present). Without the flag,
+    /// DOCKER_HOST is honoured as the original's Docker client did
+    /// (unix:///path or tcp://host:port), else /var/run/docker.sock.
+    #[arg(long)]
+    pub docker_socket: Option<PathBuf>,
 
     /// CRI sockets (containerd, CRI-O); each one present is used. Repeat the
     /// flag to give several.
@@ -197,6 +205,7 @@ impl Flags {
             ("--job-enable-del-fip", self.job_enable_del_fip.is_some()),
             ("--job-enable-add-fip", self.job_enable_add_fip.is_some()),
             ("--service-owner-db-cluster", self.service_owner_db_cluster.is_some()),
+            ("--polarstack-daemon-pod-labels", self.polarstack_daemon_pod_labels.is_some()),
             ("--logtostderr", self.logtostderr.is_some()),
             ("--log-dir", self.log_dir.is_some()),
             ("--log-file", self.log_file.is_some()),
@@ -229,12 +238,13 @@ impl Flags {
         }
     }
 
-    pub fn engines_config(&self) -> EnginesConfig {
-        EnginesConfig {
-            docker_socket: self.docker_socket.clone(),
-            cri_sockets: self.cri_sockets.clone(),
-            cri_poll: self.cri_poll_interval,
-        }
+    pub fn engines_config(&self) -> Result<EnginesConfig, DockerHostError> {
+        let docker = match (&self.docker_socket, std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty())) {
+            (Some(path), _) => DockerEndpoint::Unix(path.clone()),
+            (None, Some(host)) => DockerEndpoint::from_docker_host(&host)?,
+            (None, None) => DockerEndpoint::Unix(PathBuf::from("/var/run/docker.sock")),
+        };
+        Ok(EnginesConfig { docker, cri_sockets: self.cri_sockets.clone(), cri_poll: self.cri_poll_interval })
     }
 
     pub fn nic_config(&self) -> NicConfig {
@@ -337,7 +347,7 @@ mod tests {
         assert_eq!(f.logs.ins_folder_overdue_days, 3);
         assert_eq!(f.core_version_cm_labels, "configtype=minor_version_info,dbClusterMode=WriteReadMore");
         assert_eq!(f.mpd_controller_cm_name, "polardb4mpd-controller");
-        assert_eq!(f.polarstack_daemon_pod_labels, "app=polarstack-daemon");
+        assert_eq!(f.polarstack_daemon_pod_labels, None, "accepted, not used: no default to keep");
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub enum RunError {
     Network(#[from] network::NetworkError),
     #[error("log sweep settings: {0}")]
     Logs(#[from] logs::LogSweepConfigError),
+    #[error(transparent)]
+    DockerHost(#[from] engines::runtime::DockerHostError),
     #[error("serving HTTP on {addr}: {source}")]
     Http { addr: SocketAddr, source: std::io::Error },
 }
@@ -72,7 +74,7 @@ pub async fn run(flags: config::Flags) -> Result<(), RunError> {
     };
     let network = network::spawn(nic, shutdown.clone())?;
     let versions = cluster.as_ref().map_or_else(|| watch::channel(Vec::new()).1, |c| c.versions.clone());
-    let engines = engines::spawn(flags.engines_config(), versions, shutdown.clone());
+    let engines = engines::spawn(flags.engines_config()?, versions, shutdown.clone());
     // Without a cluster nobody can say which instances are live: rule 1 of
     // the sweeps (instance folders) stays off; rules 2 and 3 run.
     let owners: Arc<dyn logs::LiveInstances> = match &cluster {

@@ -86,6 +86,9 @@ pub struct NetworkState {
     pub client_ip: Option<IpAddr>,
     /// Why there is no client IP, when there is none.
     pub client_ip_error: Option<String>,
+    /// Why the client IP is not the one `NET_MASK` asked for (a mask that
+    /// matches no address, or one that does not parse), when so.
+    pub client_ip_note: Option<String>,
     #[serde(serialize_with = "crate::time::serialize_opt_rfc3339")]
     pub last_change: Option<SystemTime>,
     pub last_error: Option<String>,
@@ -105,6 +108,7 @@ impl NetworkState {
                 if cfg.is_some() { "not read yet" } else { "waiting for the cluster's settings to name the NIC" }
                     .into(),
             ),
+            client_ip_note: None,
             last_change: None,
             last_error: None,
         }
@@ -163,24 +167,52 @@ fn in_subnet(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
     }
 }
 
-/// The client IP among the NIC's addresses: inside `NET_MASK` when given,
-/// IPv4 first. Without a mask only IPv4 qualifies (the operator reads an
-/// IPv4 from `NodeClientIP`).
-fn choose(addresses: &[Address], mask: Option<&str>) -> Result<IpAddr, String> {
-    let mask = mask.map(parse_mask).transpose().map_err(|e| e.to_string())?;
+/// The client IP, and why it is not what `NET_MASK` asked for when so.
+#[derive(Debug, PartialEq, Eq)]
+struct Choice {
+    ip: Result<IpAddr, String>,
+    note: Option<String>,
+}
+
+/// The client IP among the NIC's addresses (IPv4 first, never link-local).
+///
+/// `NET_MASK` never makes the answer worse than the original daemon's, which
+/// ignored it and published the NIC's first IPv4 (and the operator's chart
+/// ships `255.255.0.0` whatever the real subnet is):
+/// - a subnet (`192.0.2.0/24`) selects exactly: an address inside it, or none;
+/// - a bare mask (`255.255.0.0`) names no subnet, only a prefix length: an
+///   address of that length is preferred, else the first IPv4, with a note;
+/// - a value that parses as neither is ignored, with a note.
+fn choose(addresses: &[Address], mask: Option<&str>) -> Choice {
     let usable =
         |a: &&Address| !a.ip.is_loopback() && !matches!(a.ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
     let mut candidates: Vec<&Address> = addresses.iter().filter(usable).collect();
     candidates.sort_by_key(|a| !a.ip.is_ipv4()); // IPv4 first, order kept otherwise
-    let pick = match mask {
-        Some(Mask::Subnet { net, prefix }) => candidates.into_iter().find(|a| in_subnet(a.ip, net, prefix)),
-        Some(Mask::PrefixLen(p)) => candidates.into_iter().find(|a| a.ip.is_ipv4() && a.prefix == p),
-        None => candidates.into_iter().find(|a| a.ip.is_ipv4()),
+    let first_v4 = || candidates.iter().find(|a| a.ip.is_ipv4()).map(|a| a.ip).ok_or("the NIC has no IPv4 address");
+    let original = "the NIC's first IPv4 is used, as the original daemon did";
+    let Some(m) = mask else {
+        return Choice { ip: first_v4().map_err(str::to_owned), note: None };
     };
-    pick.map(|a| a.ip).ok_or_else(|| match mask {
-        Some(_) => "no address of the NIC is inside NET_MASK".to_owned(),
-        None => "the NIC has no IPv4 address".to_owned(),
-    })
+    match parse_mask(m) {
+        Err(e) => Choice { ip: first_v4().map_err(str::to_owned), note: Some(format!("{e}: ignored; {original}")) },
+        Ok(Mask::Subnet { net, prefix }) => Choice {
+            ip: candidates
+                .iter()
+                .find(|a| in_subnet(a.ip, net, prefix))
+                .map(|a| a.ip)
+                .ok_or_else(|| format!("no address of the NIC is inside NET_MASK {m}")),
+            note: None,
+        },
+        Ok(Mask::PrefixLen(p)) => match candidates.iter().find(|a| a.ip.is_ipv4() && a.prefix == p) {
+            Some(a) => Choice { ip: Ok(a.ip), note: None },
+            None => Choice {
+                ip: first_v4().map_err(str::to_owned),
+                note: Some(format!(
+                    "no IPv4 address of the NIC has the prefix length /{p} of NET_MASK {m}; {original}"
+                )),
+            },
+        },
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +244,9 @@ pub fn spawn(
             tx.send_if_modified(|cur| {
                 let same = NetworkState { last_change: cur.last_change, ..state.clone() } == *cur;
                 if !same {
+                    if state.client_ip_note.is_some() && state.client_ip_note != cur.client_ip_note {
+                        tracing::warn!(nic = ?state.nic, note = ?state.client_ip_note, "client IP not chosen by NET_MASK");
+                    }
                     *cur = NetworkState { last_change: Some(SystemTime::now()), ..state.clone() };
                     tracing::info!(nic = ?cur.nic, state = cur.state.reason(), client_ip = ?cur.client_ip, "client network changed");
                 }
@@ -332,7 +367,9 @@ async fn dump(handle: &Handle, cfg: &NicConfig) -> NetworkState {
         }
         Err(e) => st.last_error = Some(e.to_string()),
     }
-    match choose(&st.addresses, cfg.net_mask.as_deref()) {
+    let choice = choose(&st.addresses, cfg.net_mask.as_deref());
+    st.client_ip_note = choice.note;
+    match choice.ip {
         Ok(ip) => st.client_ip = Some(ip),
         Err(why) => st.client_ip_error = Some(why),
     }
@@ -349,14 +386,30 @@ mod tests {
 
     #[test]
     fn choosing_the_client_ip() {
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
         let addrs = [a("fe80::1", 64), a("2001:db8::5", 64), a("198.51.100.7", 24), a("192.0.2.9", 26)];
-        assert_eq!(choose(&addrs, None), Ok("198.51.100.7".parse().expect("ip")), "IPv4 first");
-        assert_eq!(choose(&addrs, Some("192.0.2.0/24")), Ok("192.0.2.9".parse().expect("ip")));
-        assert_eq!(choose(&addrs, Some("255.255.255.192")), Ok("192.0.2.9".parse().expect("ip")));
-        assert_eq!(choose(&addrs, Some("2001:db8::/32")), Ok("2001:db8::5".parse().expect("ip")));
-        assert!(choose(&addrs, Some("203.0.113.0/24")).is_err());
-        assert!(choose(&[a("2001:db8::5", 64)], None).is_err(), "never IPv6 for the IPv4 condition by accident");
-        assert!(choose(&addrs, Some("255.0.255.0")).is_err(), "not a mask");
-        assert!(choose(&addrs, Some("banana")).is_err());
+        let pick = |mask| choose(&addrs, mask);
+        assert_eq!(pick(None), Choice { ip: Ok(ip("198.51.100.7")), note: None }, "IPv4 first");
+        assert_eq!(pick(Some("192.0.2.0/24")).ip, Ok(ip("192.0.2.9")), "a subnet selects exactly");
+        assert_eq!(pick(Some("2001:db8::/32")).ip, Ok(ip("2001:db8::5")));
+        assert!(pick(Some("203.0.113.0/24")).ip.is_err(), "a subnet that matches nothing gives none");
+        assert_eq!(pick(Some("255.255.255.192")), Choice { ip: Ok(ip("192.0.2.9")), note: None });
+        assert!(choose(&[a("2001:db8::5", 64)], None).ip.is_err(), "never IPv6 for the IPv4 condition by accident");
+    }
+
+    /// The operator's chart and the original's deploy/all.yaml ship
+    /// `NET_MASK: 255.255.0.0` whatever the client subnet is: the answer
+    /// must never be worse than the original's (the NIC's first IPv4).
+    #[test]
+    fn the_shipped_mask_never_loses_the_client_ip() {
+        let on_24 = [a("192.0.2.10", 24)];
+        let c = choose(&on_24, Some("255.255.0.0"));
+        assert_eq!(c.ip, Ok("192.0.2.10".parse().expect("ip")));
+        assert!(c.note.as_deref().is_some_and(|n| n.contains("/16")), "{c:?}");
+        for bad in ["255.0.255.0", "banana", "192.0.2.0/99"] {
+            let c = choose(&on_24, Some(bad));
+            assert_eq!(c.ip, Ok("192.0.2.10".parse().expect("ip")), "{bad}");
+            assert!(c.note.as_deref().is_some_and(|n| n.contains("ignored")), "{bad}: {c:?}");
+        }
     }
 }

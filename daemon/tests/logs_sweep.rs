@@ -128,6 +128,15 @@ mod logs {
     }
 
     /// (relative path, rule) of every removal.
+    /// The sweeper's metrics, as `/metrics` encodes them.
+    fn metrics_text(h: &SweepHandle) -> String {
+        let h = h.clone();
+        polarstack_daemon::telemetry::encode([polarstack_daemon::telemetry::collector("logs", move |e| {
+            h.encode_metrics(e)
+        })])
+        .expect("metrics encode")
+    }
+
     fn removed(tree: &Tree, r: &SweepReport) -> BTreeSet<(String, Rule)> {
         r.removed.iter().map(|e| (tree.rel(&e.path), e.rule)).collect()
     }
@@ -227,12 +236,11 @@ mod logs {
         assert_eq!(kept(&t, &r, "root/1001/rm_data_20991231000000"), Some(KeepReason::TooRecent));
 
         // Metrics count what went.
-        let mut m = String::new();
-        h.render_metrics(&mut m);
+        let m = metrics_text(&h);
         assert!(m.contains("# TYPE polarstack_logs_removed_files_total counter"), "{m}");
         assert!(m.contains("polarstack_logs_removed_bytes_total{rule=\"postgresql_log\"} 127"), "{m}");
         assert!(m.contains("polarstack_logs_sweep_errors_total 0"), "{m}");
-        assert!(!m.contains("polarstack_logs_last_success_timestamp_seconds 0\n"), "{m}");
+        assert!(!m.contains("polarstack_logs_last_success_timestamp_seconds 0.0\n"), "{m}");
 
         // A second sweep finds nothing more to do.
         let again = h.sweep(false).await.expect("sweep");
@@ -271,8 +279,7 @@ mod logs {
         assert!(r.dry_run && r.forced_dry_run);
         assert_eq!(removed(&t, &r), realistic_expected());
         assert_eq!(t.snapshot(), before);
-        let mut m = String::new();
-        h.render_metrics(&mut m);
+        let m = metrics_text(&h);
         assert!(m.contains("polarstack_logs_removed_files_total{rule=\"instance_folder\"} 0"), "{m}");
     }
 
@@ -453,10 +460,9 @@ mod logs {
             assert!(matches!(err, SweepError::RootUnavailable { .. } | SweepError::RootIsSlash), "{err}");
             let last = h.last_report().expect("failure is reported");
             assert!(last.aborted.is_some() && last.removed.is_empty());
-            let mut m = String::new();
-            h.render_metrics(&mut m);
+            let m = metrics_text(&h);
             assert!(m.contains("polarstack_logs_sweep_errors_total 1"), "{m}");
-            assert!(m.contains("polarstack_logs_last_success_timestamp_seconds 0\n"), "{m}");
+            assert!(m.contains("polarstack_logs_last_success_timestamp_seconds 0.0\n"), "{m}");
         }
         assert_eq!(t.snapshot(), before);
     }

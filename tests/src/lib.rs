@@ -20,7 +20,9 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+pub mod cluster;
 pub mod fake_api;
+pub mod operator;
 pub mod oracle;
 pub mod runtimes;
 pub mod workload;
@@ -101,9 +103,16 @@ impl Daemon {
         if cmd.get_program() != daemon_bin().as_os_str() {
             cmd.arg(daemon_bin());
         }
+        // POLARSTACK_TEST_DAEMON_ARGS: flags added to every daemon a test
+        // starts, e.g. `--force-bound-iter` to run the suite the way kernels
+        // before 6.5 list bound sockets.
+        let extra: Vec<String> = std::env::var("POLARSTACK_TEST_DAEMON_ARGS")
+            .map(|v| v.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default();
         let child = cmd
             .args(["--port", &port.to_string(), "--listen-address", "127.0.0.1"])
             .args(args)
+            .args(&extra)
             .env("RUST_LOG", "polarstack_daemon=debug,info")
             .stdout(Stdio::null())
             .stderr(log_file)

@@ -11,92 +11,14 @@ use std::{
 };
 
 use polarstack_tests::{
+    cluster::{
+        condition, daemon_for, keys, seed, set_print_port, set_ranges, tcp_listen, udp_bind, usage_cm, wait_condition,
+        wait_keys, NODE, NS, SOON,
+    },
     fake_api::{FakeApi, Fault},
-    in_new_netns, sh, wait_for, Daemon,
+    in_new_netns, sh, wait_for,
 };
 use serde_json::{json, Value};
-use socket2::{Domain, Protocol, Socket, Type};
-
-const NODE: &str = "node-a";
-const NS: &str = "kube-system";
-/// Long enough for a write to reach the fake, short enough to keep the suite quick.
-const SOON: Duration = Duration::from_secs(15);
-
-fn usage_cm(node: &str) -> String {
-    format!("cloud-provider-port-usage-{node}")
-}
-
-/// Seeds what a PolarDB Stack cluster has: the node, the operator's
-/// ConfigMaps with port ranges (a range with its upper bound in play, a
-/// single port), controller-config and ccm-config.
-fn seed(api: &FakeApi, node: &str, ranges: &[(&str, &str)]) {
-    api.put(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node},
-        "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready status",
-            "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}));
-    set_ranges(api, ranges);
-    set_print_port(api, true);
-    api.put(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ccm-config", "namespace": NS},
-        "data": {"NET_CARD_NAME": "eth0"}}));
-}
-
-fn set_ranges(api: &FakeApi, ranges: &[(&str, &str)]) {
-    let annotations: serde_json::Map<String, Value> =
-        ranges.iter().map(|(k, v)| (k.to_string(), Value::from(*v))).collect();
-    api.put(json!({"apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "polardb4mpd-controller", "namespace": NS, "annotations": annotations},
-        "data": {"Pbx.Next.External.Port": "20001"}}));
-}
-
-fn set_print_port(api: &FakeApi, on: bool) {
-    api.put(
-        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "controller-config", "namespace": NS},
-        "data": {"enablePrintPort": on.to_string(), "isCheckOObIP": "false"}}),
-    );
-}
-
-fn daemon_for(api_kubeconfig: &std::path::Path, node: &str, extra: &[&str]) -> Daemon {
-    let kc = api_kubeconfig.to_str().expect("utf-8 path");
-    let mut args = vec!["--kubeconfig", kc, "--current-node-name", node, "--publish-debounce", "50ms"];
-    args.extend_from_slice(extra);
-    let mut d = Daemon::start(&args);
-    d.wait_ready();
-    d
-}
-
-/// The port keys of a node's usage ConfigMap, or None while it does not exist.
-fn keys(api: &FakeApi, node: &str) -> Option<BTreeSet<u16>> {
-    let cm = api.get("configmaps", Some(NS), &usage_cm(node))?;
-    let data = cm["data"].as_object().cloned().unwrap_or_default();
-    Some(
-        data.iter()
-            .map(|(k, v)| {
-                assert_eq!(v, "the port already use", "value of key {k}");
-                k.parse().unwrap_or_else(|_| panic!("key {k:?} is not a port"))
-            })
-            .collect(),
-    )
-}
-
-fn wait_keys(api: &FakeApi, d: &mut Daemon, node: &str, want: &[u16]) {
-    let want: BTreeSet<u16> = want.iter().copied().collect();
-    if !wait_for(SOON, || keys(api, node).as_ref() == Some(&want)) {
-        panic!("ConfigMap keys {:?}, expected {want:?}\n{}", keys(api, node), d.log_text());
-    }
-}
-
-fn tcp_listen(port: u16) -> Socket {
-    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
-    s.set_reuse_address(true).expect("SO_REUSEADDR");
-    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into()).expect("bind");
-    s.listen(8).expect("listen");
-    s
-}
-
-fn udp_bind(port: u16) -> Socket {
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).expect("socket");
-    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into()).expect("bind");
-    s
-}
 
 #[test]
 fn ports_inside_the_watched_ranges_are_published_and_withdrawn() {
@@ -357,20 +279,6 @@ fn the_union_over_two_nodes_is_every_port_taken_on_either() {
         drop(held_a);
         let _ = std::fs::remove_file(&kc_b);
     });
-}
-
-fn condition(api: &FakeApi, node: &str, t: &str) -> Option<Value> {
-    let n = api.get("nodes", None, node)?;
-    n["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == t).cloned()
-}
-
-fn wait_condition(api: &FakeApi, d: &mut Daemon, t: &str, status: &str, reason: &str, message: &str) -> Value {
-    let ok = wait_for(SOON, || {
-        condition(api, NODE, t)
-            .is_some_and(|c| c["status"] == status && c["reason"] == reason && c["message"] == message)
-    });
-    assert!(ok, "{t}: want {status}/{reason}/{message}, have {:?}\n{}", condition(api, NODE, t), d.log_text());
-    condition(api, NODE, t).expect("condition")
 }
 
 /// The client NIC (a veth whose peer a test flips) drives NodeClientIP and

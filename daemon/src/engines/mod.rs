@@ -17,21 +17,23 @@ pub mod versions;
 
 use std::{
     collections::BTreeSet,
+    fmt,
     path::PathBuf,
     time::{Duration, SystemTime},
 };
 
 use futures_util::StreamExt as _;
+use prometheus_client::encoding::DescriptorEncoder;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use self::{
     image_ref::ImageKey,
-    runtime::{CriRuntime, DockerRuntime, ImageRuntime, RuntimeError},
+    runtime::{CriRuntime, DockerEndpoint, DockerRuntime, ImageRuntime, RuntimeError},
     versions::EngineVersion,
 };
-use crate::telemetry::{write_metric, MetricKind};
+use crate::telemetry::{counter, gauge_by};
 
 /// How long a scan request waits for others to join it.
 const GATHER: Duration = Duration::from_millis(50);
@@ -39,7 +41,9 @@ const GATHER: Duration = Duration::from_millis(50);
 /// Settings of the engines domain (from flags).
 #[derive(Debug, Clone)]
 pub struct EnginesConfig {
-    pub docker_socket: PathBuf,
+    /// The Docker Engine API: `--docker-socket`, else DOCKER_HOST, else
+    /// /var/run/docker.sock.
+    pub docker: DockerEndpoint,
     pub cri_sockets: Vec<PathBuf>,
     pub cri_poll: Duration,
 }
@@ -101,38 +105,22 @@ impl EngineState {
         self.versions.iter().filter(|v| v.status == Availability::Available).map(|v| v.name.as_str())
     }
 
-    pub fn render_metrics(&self, out: &mut String) {
-        let up: Vec<(String, f64)> = self
-            .runtimes
-            .iter()
-            .map(|r| (format!("runtime=\"{}\",socket=\"{}\"", r.kind, r.socket), f64::from(u8::from(r.up))))
-            .collect();
-        write_metric(
-            out,
-            "polarstack_engines_runtime_up",
-            "1 when the container runtime's last image listing worked.",
-            MetricKind::Gauge,
-            &up,
-        );
-        let count = |s| self.versions.iter().filter(|v| v.status == s).count() as f64;
-        write_metric(
-            out,
+    /// Encodes this state's metrics, at scrape time.
+    pub fn encode_metrics(&self, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        let up = self.runtimes.iter().map(|r| ([("runtime", r.kind), ("socket", r.socket.as_str())], u64::from(r.up)));
+        gauge_by(e, "polarstack_engines_runtime_up", "1 when the container runtime's last image listing worked.", up)?;
+        let count = |s| self.versions.iter().filter(|v| v.status == s).count() as u64;
+        gauge_by(
+            e,
             "polarstack_engines_versions",
             "Engine versions by availability on this node.",
-            MetricKind::Gauge,
-            &[
-                ("status=\"available\"".into(), count(Availability::Available)),
-                ("status=\"missing\"".into(), count(Availability::Missing)),
-                ("status=\"unknown\"".into(), count(Availability::Unknown)),
+            [
+                ([("status", "available")], count(Availability::Available)),
+                ([("status", "missing")], count(Availability::Missing)),
+                ([("status", "unknown")], count(Availability::Unknown)),
             ],
-        );
-        write_metric(
-            out,
-            "polarstack_engines_scans_total",
-            "Image scans of the container runtimes.",
-            MetricKind::Counter,
-            &[(String::new(), self.scans as f64)],
-        );
+        )?;
+        counter(e, "polarstack_engines_scans_total", "Image scans of the container runtimes.", self.scans)
     }
 }
 
@@ -155,6 +143,12 @@ pub struct Engines {
 }
 
 impl Engines {
+    /// Asks for a rescan without waiting for it (requests coalesce).
+    pub fn ask_rescan(&self) {
+        let (done, _) = oneshot::channel();
+        let _ = self.requests.send(ScanRequest { done });
+    }
+
     /// Rescans every runtime and returns when a scan that started after this
     /// call has finished.
     pub async fn rescan(&self) -> Result<(), ScanError> {
@@ -182,8 +176,9 @@ pub fn spawn(
     let (tx, state) = watch::channel(EngineState::default());
     let (requests, rx) = mpsc::unbounded_channel();
     let mut runtimes: Vec<Runtime> = vec![Runtime {
-        rt: Box::new(DockerRuntime::new(cfg.docker_socket.clone())),
-        images: Err(RuntimeError::NoSocket(cfg.docker_socket.clone())),
+        rt: Box::new(DockerRuntime::new(cfg.docker.clone())),
+        // Absent until listed, as a runtime whose socket is missing.
+        images: Err(RuntimeError::NoSocket(DockerRuntime::new(cfg.docker.clone()).socket().clone())),
         last_list: None,
         ever_up: false,
     }];
@@ -217,7 +212,7 @@ impl Owner {
         shutdown: CancellationToken,
     ) {
         let (docker_events_tx, mut docker_events) = mpsc::channel::<()>(1);
-        tokio::spawn(docker_events_task(cfg.docker_socket.clone(), docker_events_tx, shutdown.clone()));
+        tokio::spawn(docker_events_task(cfg.docker.clone(), docker_events_tx, shutdown.clone()));
         let mut poll = tokio::time::interval(cfg.cri_poll);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Standalone, no versions ever come: the sender is gone from the start.
@@ -359,8 +354,8 @@ fn evaluate(v: &EngineVersion, runtimes: &[Runtime]) -> VersionView {
 
 /// Docker's image events (pull, tag, untag, delete, load, import) trigger a
 /// rescan; the stream is re-opened with backoff while dockerd is away.
-async fn docker_events_task(socket: PathBuf, tx: mpsc::Sender<()>, shutdown: CancellationToken) {
-    let rt = DockerRuntime::new(socket);
+async fn docker_events_task(endpoint: DockerEndpoint, tx: mpsc::Sender<()>, shutdown: CancellationToken) {
+    let rt = DockerRuntime::new(endpoint);
     let mut backoff = crate::retry::Backoff::with(Duration::from_millis(500), Duration::from_secs(10));
     loop {
         if let Ok(docker) = rt.client().await {

@@ -51,24 +51,67 @@ async fn timed<T>(f: impl Future<Output = Result<T, RuntimeError>>) -> Result<T,
     tokio::time::timeout(CALL_TIMEOUT, f).await.unwrap_or(Err(RuntimeError::Timeout))
 }
 
+/// Where the Docker Engine API answers: a unix socket, or a TCP address
+/// (DOCKER_HOST=tcp://..., which the original's Docker client honoured).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DockerEndpoint {
+    Unix(PathBuf),
+    Http(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("DOCKER_HOST {0:?} is neither unix:///path nor tcp://host:port")]
+pub struct DockerHostError(pub String);
+
+impl DockerEndpoint {
+    /// Reads a DOCKER_HOST value the way Docker's clients do.
+    pub fn from_docker_host(v: &str) -> Result<Self, DockerHostError> {
+        let bad = || DockerHostError(v.to_owned());
+        if let Some(path) = v.strip_prefix("unix://") {
+            return if path.starts_with('/') { Ok(Self::Unix(PathBuf::from(path))) } else { Err(bad()) };
+        }
+        let rest = v.strip_prefix("tcp://").or_else(|| v.strip_prefix("http://")).ok_or_else(bad)?;
+        if rest.is_empty() || rest.contains('/') && !rest.ends_with('/') {
+            return Err(bad());
+        }
+        Ok(Self::Http(format!("http://{}", rest.trim_end_matches('/'))))
+    }
+}
+
 pub struct DockerRuntime {
-    socket: PathBuf,
+    endpoint: DockerEndpoint,
+    /// The socket path, or the URL, as shown.
+    label: PathBuf,
 }
 
 impl DockerRuntime {
-    pub fn new(socket: PathBuf) -> Self {
-        Self { socket }
+    pub fn new(endpoint: DockerEndpoint) -> Self {
+        let label = match &endpoint {
+            DockerEndpoint::Unix(p) => p.clone(),
+            DockerEndpoint::Http(url) => PathBuf::from(url),
+        };
+        Self { endpoint, label }
     }
 
     /// A client with the API version negotiated (dockerd 20.10 refuses paths
     /// newer than its 1.41).
     pub async fn client(&self) -> Result<Docker, RuntimeError> {
-        if !is_socket(&self.socket) {
-            return Err(RuntimeError::NoSocket(self.socket.clone()));
+        let docker = match &self.endpoint {
+            DockerEndpoint::Unix(socket) => {
+                if !is_socket(socket) {
+                    return Err(RuntimeError::NoSocket(socket.clone()));
+                }
+                Docker::connect_with_socket(
+                    &socket.to_string_lossy(),
+                    CALL_TIMEOUT.as_secs(),
+                    bollard::API_DEFAULT_VERSION,
+                )
+            }
+            DockerEndpoint::Http(url) => {
+                Docker::connect_with_http(url, CALL_TIMEOUT.as_secs(), bollard::API_DEFAULT_VERSION)
+            }
         }
-        let path = self.socket.to_string_lossy();
-        let docker = Docker::connect_with_socket(&path, CALL_TIMEOUT.as_secs(), bollard::API_DEFAULT_VERSION)
-            .map_err(|e| RuntimeError::Call(e.to_string()))?;
+        .map_err(|e| RuntimeError::Call(e.to_string()))?;
         timed(async { docker.negotiate_version().await.map_err(|e| RuntimeError::Call(e.to_string())) }).await
     }
 }
@@ -78,7 +121,7 @@ impl ImageRuntime for DockerRuntime {
         "docker"
     }
     fn socket(&self) -> &PathBuf {
-        &self.socket
+        &self.label
     }
     fn list(&self) -> ListFuture<'_> {
         Box::pin(async move {
@@ -137,5 +180,25 @@ impl ImageRuntime for CriRuntime {
             })
             .await
         })
+    }
+}
+
+#[cfg(test)]
+mod docker_host_tests {
+    use super::*;
+
+    #[test]
+    fn docker_host_forms() {
+        assert_eq!(
+            DockerEndpoint::from_docker_host("unix:///run/user/docker.sock"),
+            Ok(DockerEndpoint::Unix("/run/user/docker.sock".into()))
+        );
+        assert_eq!(
+            DockerEndpoint::from_docker_host("tcp://127.0.0.1:2375"),
+            Ok(DockerEndpoint::Http("http://127.0.0.1:2375".into()))
+        );
+        for bad in ["", "unix://relative", "ssh://host", "npipe:////./pipe/docker_engine", "tcp://"] {
+            assert!(DockerEndpoint::from_docker_host(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -41,17 +41,14 @@ fn fail(status: StatusCode, message: &str) -> Response {
     envelope(status, "0", Value::Null, message)
 }
 
-/// Rescans here, then asks every other daemon to (one write to the rescan
-/// bus); answers once the local scan is done. Any body is accepted.
+/// Rescans here and asks every other daemon to (through the rescan bus),
+/// answering as soon as the request is accepted, as the original did: the
+/// scans run on. Requests coalesce (a loop of calls costs at most one bus
+/// write per interval). Any body is accepted.
 async fn request_check_core_version(State(st): State<AppState>) -> Response {
-    if let Err(e) = st.engines.rescan().await {
-        return fail(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
-    }
+    st.engines.ask_rescan();
     if let Some((_, publishing)) = &st.kube {
-        let bus = &publishing.rescan_bus;
-        if let Err(e) = bus.request().await {
-            return fail(StatusCode::BAD_GATEWAY, &format!("rescanned here; could not ask the other nodes: {e}"));
-        }
+        publishing.rescan_bus.request();
     }
     ok(json!("done"))
 }

@@ -88,22 +88,27 @@ async fn readyz(State(st): State<AppState>) -> Response {
     (code, Json(body)).into_response()
 }
 
+/// Prometheus metrics: one registry per scrape, one collector per domain,
+/// each encoding from the domain's own state (see [`crate::telemetry`]).
 async fn metrics(State(st): State<AppState>) -> Response {
-    let mut out = String::with_capacity(4096);
-    crate::telemetry::write_metric(
-        &mut out,
-        "polarstack_build_info",
-        "Build information.",
-        crate::telemetry::MetricKind::Gauge,
-        &[(format!("version=\"{}\"", env!("CARGO_PKG_VERSION")), 1.0)],
-    );
-    st.ports.render_metrics(&mut out);
-    st.logs.render_metrics(&mut out);
-    st.engines.state.borrow().render_metrics(&mut out);
-    if let Some((c, _)) = &st.kube {
-        c.metrics.render(&mut out);
+    use crate::telemetry::{self, collector};
+    let AppState { ports, logs, engines, kube, .. } = st;
+    let mut domains = vec![
+        collector("build", telemetry::encode_build_info),
+        Box::new(ports.metrics()),
+        collector("logs", move |e| logs.encode_metrics(e)),
+        collector("engines", move |e| engines.state.borrow().encode_metrics(e)),
+    ];
+    if let Some((cluster, _)) = kube {
+        domains.push(collector("kube", move |e| cluster.metrics.encode(e)));
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
+    match telemetry::encode(domains) {
+        Ok(text) => ([(header::CONTENT_TYPE, telemetry::CONTENT_TYPE)], text).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "encoding /metrics");
+            (StatusCode::INTERNAL_SERVER_ERROR, "encoding the metrics failed\n").into_response()
+        }
+    }
 }
 
 /// The cluster side: mode, settings read from the cluster, this node's

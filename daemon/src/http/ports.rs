@@ -100,16 +100,23 @@ fn entries(ports: &Ports, sockets: Vec<Socket>) -> Vec<Entry> {
     groups
         .into_iter()
         .map(|((proto, port, family, address, state, blocking), socks)| {
+            // A socket only a dump saw has no task, but its own cgroup may
+            // still name its container.
             let mut owners: Vec<OwnerView> = socks
                 .iter()
                 .filter_map(|s| {
-                    let o = s.owner.as_ref()?;
-                    let cgroup = if o.cgroup_id != 0 { o.cgroup_id } else { s.sock_cgroup_id };
-                    Some(OwnerView {
-                        pid: (o.pid != 0).then_some(o.pid),
-                        comm: (!o.comm.is_empty()).then(|| o.comm.clone()),
+                    let (pid, comm, cgroup) = match &s.owner {
+                        Some(o) => {
+                            (o.pid, o.comm.clone(), if o.cgroup_id != 0 { o.cgroup_id } else { s.sock_cgroup_id })
+                        }
+                        None => (0, String::new(), s.sock_cgroup_id),
+                    };
+                    let view = OwnerView {
+                        pid: (pid != 0).then_some(pid),
+                        comm: (!comm.is_empty()).then_some(comm),
                         container: ports.container_of(cgroup),
-                    })
+                    };
+                    (view.pid.is_some() || view.comm.is_some() || view.container.is_some()).then_some(view)
                 })
                 .collect();
             owners.sort();
@@ -161,6 +168,7 @@ async fn list(State(st): State<AppState>, RawQuery(q): RawQuery) -> Result<Respo
         });
     }
     let after = params.opt::<String>("after", "proto:port, as `next` gave it")?.map(|a| parse_after(&a)).transpose()?;
+    st.ports.settle().await;
     let (sockets, next) = st.ports.sockets(&f, after, limit);
     let mut body = status_json(&st.ports.status().borrow());
     body["ports"] = json!(entries(&st.ports, sockets));
@@ -195,6 +203,7 @@ async fn one(
     };
     let params = Params::parse(q.as_deref(), &["proto"])?;
     let protos = params.opt::<Proto>("proto", PROTO_EXPECTED)?.map_or(Proto::ALL.to_vec(), |p| vec![p]);
+    st.ports.settle().await;
     let d = st.ports.detail(&protos, port);
     let mut body = json!({
         "port": port,
@@ -262,6 +271,7 @@ async fn free(State(st): State<AppState>, RawQuery(q): RawQuery) -> Result<Respo
     // A transient condition (start-up, resync, an input not read yet) is a
     // 503 to retry; a blind spot of this kernel is lasting, so the answer
     // comes with `certain: false` and the reason rather than never.
+    st.ports.settle().await;
     let found = st
         .ports
         .free(protos, from..=to, count)

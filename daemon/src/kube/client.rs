@@ -2,7 +2,7 @@
 //! the metrics every API call feeds.
 use std::{
     collections::BTreeMap,
-    fmt::Write as _,
+    fmt,
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -12,8 +12,9 @@ use std::{
 };
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use prometheus_client::encoding::DescriptorEncoder;
 
-use crate::telemetry::{write_metric, MetricKind};
+use crate::telemetry::{counter_by, gauge_by, sum_count};
 
 /// How the daemon reaches Kubernetes, decided from flags and environment the
 /// way the original's `clientcmd.BuildConfigFromFlags` did, minus its
@@ -179,58 +180,47 @@ impl ApiMetrics {
         *m.entry(resource).or_default() += 1;
     }
 
-    pub fn render(&self, out: &mut String) {
-        let requests: Vec<(String, f64)> = {
+    /// Encodes the Kubernetes side's metrics, at scrape time.
+    pub fn encode(&self, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
+        {
             let m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-            m.iter()
-                .map(|((verb, res, result), n)| {
-                    (format!("verb=\"{verb}\",resource=\"{res}\",result=\"{result}\""), *n as f64)
-                })
-                .collect()
-        };
-        write_metric(
-            out,
-            "polarstack_kube_requests_total",
-            "Kubernetes API writes and reads made by the daemon's sinks, by verb, resource and result.",
-            MetricKind::Counter,
-            &requests,
-        );
-        let watch: Vec<(String, f64)> = {
-            let m = self.watch_errors.lock().unwrap_or_else(|p| p.into_inner());
-            m.iter().map(|(r, n)| (format!("resource=\"{r}\""), *n as f64)).collect()
-        };
-        write_metric(
-            out,
-            "polarstack_kube_watch_errors_total",
-            "Errors of the Kubernetes watches (each retried with backoff).",
-            MetricKind::Counter,
-            &watch,
-        );
-        let sum = self.write_seconds_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let count = self.write_count.load(Ordering::Relaxed) as f64;
-        // A summary without quantiles: `_sum` and `_count` of one family, so
-        // `rate(_sum) / rate(_count)` is the mean write latency.
-        let _ = writeln!(
-            out,
-            "# HELP polarstack_kube_write_duration_seconds Time spent in successful Kubernetes writes.\n\
-             # TYPE polarstack_kube_write_duration_seconds summary\n\
-             polarstack_kube_write_duration_seconds_sum {sum}\n\
-             polarstack_kube_write_duration_seconds_count {count}"
-        );
-        let pending: Vec<(String, f64)> = {
-            let m = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            ["port_usage", "node_status", "availability"]
+            let samples = m
                 .iter()
-                .map(|o| (format!("object=\"{o}\""), f64::from(u8::from(m.get(o).copied().unwrap_or(false)))))
-                .collect()
-        };
-        write_metric(
-            out,
+                .map(|((verb, res, result), n)| ([("verb", *verb), ("resource", *res), ("result", *result)], *n));
+            counter_by(
+                e,
+                "polarstack_kube_requests_total",
+                "Kubernetes API writes and reads made by the daemon's sinks, by verb, resource and result.",
+                samples,
+            )?;
+        }
+        {
+            let m = self.watch_errors.lock().unwrap_or_else(|p| p.into_inner());
+            counter_by(
+                e,
+                "polarstack_kube_watch_errors_total",
+                "Errors of the Kubernetes watches (each retried with backoff).",
+                m.iter().map(|(r, n)| ([("resource", *r)], *n)),
+            )?;
+        }
+        // `_sum` and `_count` of one family, so `rate(_sum) / rate(_count)`
+        // is the mean write latency.
+        sum_count(
+            e,
+            "polarstack_kube_write_duration_seconds",
+            "Time spent in successful Kubernetes writes.",
+            self.write_seconds_sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            self.write_count.load(Ordering::Relaxed),
+        )?;
+        let m = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let pending = ["port_usage", "node_status", "availability"]
+            .map(|o| ([("object", o)], u64::from(m.get(o).copied().unwrap_or(false))));
+        gauge_by(
+            e,
             "polarstack_kube_publish_pending",
             "1 while an object in Kubernetes differs from what the daemon wants to publish.",
-            MetricKind::Gauge,
-            &pending,
-        );
+            pending,
+        )
     }
 }
 

@@ -95,30 +95,45 @@ pub fn spawn_versions(
     (rx, synced)
 }
 
-/// The cluster-wide rescan bus.
+/// Least time between two writes to the rescan bus: a caller that loops on
+/// RequestCheckCoreVersion costs at most one write (and one rescan on every
+/// node) per interval, however fast it asks.
+pub const RESCAN_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The cluster-wide rescan bus: asking is cheap and never waits; requests
+/// coalesce into at most one write per [`RESCAN_MIN_INTERVAL`].
 #[derive(Clone)]
 pub struct RescanBus {
-    api: Api<ConfigMap>,
-    metrics: Arc<ApiMetrics>,
-    /// The last request this daemon wrote, so its own echo is not a second scan.
-    own: Arc<Mutex<Option<String>>>,
+    ask: tokio::sync::mpsc::Sender<()>,
+    /// Writes made, for the HTTP API and tests.
+    pub writes: watch::Receiver<u64>,
 }
 
 impl RescanBus {
-    /// Asks every daemon to rescan: one write to the bus ConfigMap.
-    pub async fn request(&self) -> Result<(), CallError> {
-        let id = format!("{}-{:08x}", utc_seconds(SystemTime::now()), fastrand::u32(..));
-        *self.own.lock().await = Some(id.clone());
-        let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": RESCAN_CONFIGMAP, "namespace": NAMESPACE, "annotations": {RESCAN_ANNOTATION: id}}});
-        let params = PatchParams::apply(FIELD_MANAGER).force();
-        call(&self.metrics, "apply", "configmaps", self.api.patch(RESCAN_CONFIGMAP, &params, &Patch::Apply(&body)))
-            .await?;
-        Ok(())
+    /// Asks every daemon to rescan (soon: the write is coalesced).
+    pub fn request(&self) {
+        // Full means a write is already due: this request rides along.
+        let _ = self.ask.try_send(());
     }
 }
 
-/// Watches the bus and rescans here when another daemon asks.
+/// Writes one rescan request to the bus ConfigMap.
+async fn write_request(
+    api: &Api<ConfigMap>,
+    metrics: &ApiMetrics,
+    own: &Mutex<Option<String>>,
+) -> Result<(), CallError> {
+    let id = format!("{}-{:08x}", utc_seconds(SystemTime::now()), fastrand::u32(..));
+    *own.lock().await = Some(id.clone());
+    let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": RESCAN_CONFIGMAP, "namespace": NAMESPACE, "annotations": {RESCAN_ANNOTATION: id}}});
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    call(metrics, "apply", "configmaps", api.patch(RESCAN_CONFIGMAP, &params, &Patch::Apply(&body))).await?;
+    Ok(())
+}
+
+/// Watches the bus and rescans here when another daemon asks; writes this
+/// daemon's own requests, coalesced.
 pub fn spawn_bus(
     client: kube::Client,
     engines: Engines,
@@ -126,8 +141,43 @@ pub fn spawn_bus(
     shutdown: CancellationToken,
 ) -> RescanBus {
     let api: Api<ConfigMap> = Api::namespaced(client, NAMESPACE);
-    let bus = RescanBus { api: api.clone(), metrics: metrics.clone(), own: Arc::new(Mutex::new(None)) };
-    let own = bus.own.clone();
+    let own: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let (ask, mut asked) = tokio::sync::mpsc::channel::<()>(1);
+    let (writes_tx, writes) = watch::channel(0u64);
+    {
+        let (api, metrics, own, shutdown) = (api.clone(), metrics.clone(), own.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut backoff = Backoff::new();
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    r = asked.recv() => if r.is_none() { return },
+                }
+                loop {
+                    match write_request(&api, &metrics, &own).await {
+                        Ok(()) => {
+                            backoff.reset();
+                            writes_tx.send_modify(|n| *n += 1);
+                            break;
+                        }
+                        Err(e) => {
+                            let wait = backoff.next_wait();
+                            tracing::warn!(error = %e, retry_in = ?wait, "writing the rescan request failed");
+                            tokio::select! {
+                                () = shutdown.cancelled() => return,
+                                () = tokio::time::sleep(wait) => {}
+                            }
+                        }
+                    }
+                }
+                // Requests that come meanwhile wait for the next write.
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(RESCAN_MIN_INTERVAL) => {}
+                }
+            }
+        });
+    }
     let (seen_tx, mut seen) = watch::channel::<Option<Option<String>>>(None);
     let cfg = watcher::Config::default().fields(&format!("metadata.name={RESCAN_CONFIGMAP}"));
     tokio::spawn(mirror::run(api, cfg, "configmaps/rescan", metrics, shutdown.clone(), move |view| {
@@ -165,7 +215,7 @@ pub fn spawn_bus(
             let _ = engines.rescan().await;
         }
     });
-    bus
+    RescanBus { ask, writes }
 }
 
 /// Publishes the availability ConfigMap.

@@ -1,8 +1,15 @@
 //! A local copy of the objects one watch selects, handed whole to a callback
-//! after every change. Every cluster input (the three ConfigMaps, the pods)
-//! is one of these: watched, never polled, resynced by kube's watcher (list,
-//! then watch from the list's resourceVersion, relisting on 410 Expired) with
-//! its default backoff while the API server is away.
+//! after every change. Every cluster input (the three ConfigMaps, the pods,
+//! the Services) is one of these: watched, never polled, resynced by kube's
+//! watcher (list, then watch from the list's resourceVersion, relisting on
+//! 410 Expired) with its default backoff while the API server is away.
+//!
+//! A watch error does not make the copy wrong, only late: the watcher
+//! resumes from the last resourceVersion it saw (and the server replays
+//! every change since, deletions included) or, when that is too old, lists
+//! again. So `synced`, once true, stays true, and changes keep flowing to the
+//! callback after an error; `healthy` tells whether the watch is currently
+//! failing, for consumers that must not act on a late copy.
 use std::{collections::BTreeMap, sync::Arc};
 
 use futures_util::StreamExt as _;
@@ -15,11 +22,27 @@ use tokio_util::sync::CancellationToken;
 
 use super::client::ApiMetrics;
 
-/// What the callback sees: the objects by `namespace/name`, and whether the
-/// copy is complete (a full list arrived and no error came after it).
+/// What the callback sees: the objects by `namespace/name`, whether a full
+/// list has arrived, and whether the watch is currently working.
 pub struct View<'a, K> {
     pub objects: &'a BTreeMap<String, K>,
     pub synced: bool,
+    /// False from a watch error until the next event or list arrives.
+    pub healthy: bool,
+    /// The API server refused the list or watch (RBAC): it will not come by
+    /// waiting. The reason, while it lasts.
+    pub forbidden: Option<&'a str>,
+}
+
+/// The reason, when a watch error is an RBAC refusal.
+fn forbidden(e: &watcher::Error) -> Option<String> {
+    let status = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s,
+        _ => return None,
+    };
+    (status.code == 403).then(|| format!("forbidden: {}", status.message))
 }
 
 /// Runs until `shutdown`. `resource` names the watch in logs and metrics.
@@ -41,6 +64,8 @@ pub async fn run<K>(
     // happened while the watch was down are noticed.
     let mut relist: Option<BTreeMap<String, K>> = None;
     let mut synced = false;
+    let mut healthy = true;
+    let mut refused: Option<String> = None;
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -60,22 +85,30 @@ pub async fn run<K>(
                     tracing::debug!(resource, objects = objects.len(), "watch synced");
                 }
                 synced = true;
-                on_change(View { objects: &objects, synced });
+                healthy = true;
+                refused = None;
+                on_change(View { objects: &objects, synced, healthy, forbidden: None });
             }
             Ok(watcher::Event::Apply(o)) => {
                 objects.insert(key(&o), o);
-                on_change(View { objects: &objects, synced });
+                healthy = true;
+                refused = None;
+                on_change(View { objects: &objects, synced, healthy, forbidden: None });
             }
             Ok(watcher::Event::Delete(o)) => {
                 objects.remove(&key(&o));
-                on_change(View { objects: &objects, synced });
+                healthy = true;
+                refused = None;
+                on_change(View { objects: &objects, synced, healthy, forbidden: None });
             }
             Err(e) => {
                 metrics.watch_error(resource);
                 tracing::warn!(resource, error = %e, "Kubernetes watch failed; retrying with backoff");
-                if synced {
-                    synced = false;
-                    on_change(View { objects: &objects, synced });
+                let now_refused = forbidden(&e);
+                if healthy || now_refused != refused {
+                    healthy = false;
+                    refused = now_refused;
+                    on_change(View { objects: &objects, synced, healthy, forbidden: refused.as_deref() });
                 }
             }
         }

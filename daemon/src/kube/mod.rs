@@ -17,7 +17,8 @@
 //! Layout: [`client`] (which cluster, the client, metrics), [`mirror`] (a
 //! watched set of objects), [`settings`] (the three input ConfigMaps),
 //! [`ranges`] (port-range annotations), [`pods`] (hostPorts on this node,
-//! live instance ids), [`owned`] (writing a node-owned ConfigMap),
+//! live instance ids), [`services`] (allocated nodePorts), [`owned`]
+//! (writing a node-owned ConfigMap),
 //! [`port_usage`] (the port-usage ConfigMap), [`node_status`] (the
 //! node-condition writer), [`engines`] (version ConfigMaps in, availability
 //! out, the cluster-wide rescan bus).
@@ -29,6 +30,7 @@ pub mod owned;
 pub mod pods;
 pub mod port_usage;
 pub mod ranges;
+pub mod services;
 pub mod settings;
 
 use std::{sync::Arc, time::Duration};
@@ -96,6 +98,8 @@ pub struct Cluster {
     pub settings: watch::Receiver<Settings>,
     /// hostPorts of this node's pods (a claim source of the ports domain).
     pub host_ports: watch::Receiver<ClaimSet>,
+    /// Allocated nodePorts of the cluster's Services (another).
+    pub node_ports: watch::Receiver<ClaimSet>,
     pub live_instances: Arc<LiveInsIds>,
     pub versions: watch::Receiver<Vec<EngineVersion>>,
     /// The version ConfigMaps have been listed once.
@@ -123,6 +127,8 @@ pub struct ClusterView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host_ports: Option<ClaimSet>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_ports: Option<ClaimSet>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub port_usage: Option<PublishState>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_status: Option<NodeStatusState>,
@@ -136,6 +142,7 @@ impl ClusterView {
                 node: None,
                 settings: None,
                 host_ports: None,
+                node_ports: None,
                 port_usage: None,
                 node_status: None,
             },
@@ -144,10 +151,24 @@ impl ClusterView {
                 node: Some(c.node.clone()),
                 settings: Some(c.settings.borrow().clone()),
                 host_ports: Some(c.host_ports.borrow().clone()),
+                node_ports: Some(c.node_ports.borrow().clone()),
                 port_usage: Some(p.port_usage.borrow().clone()),
                 node_status: Some(p.node_status.borrow().clone()),
             },
         }
+    }
+}
+
+/// A watched claim source's set: its claims once listed; a source the API
+/// server refuses (RBAC) before it was ever listed is given up on, with the
+/// reason, so it never holds the port-usage ConfigMap back.
+fn claim_set<K>(
+    view: &mirror::View<'_, K>,
+    claims: std::collections::BTreeMap<crate::ports::map::PortKey, Vec<crate::ports::occupancy::Claim>>,
+) -> ClaimSet {
+    match view.forbidden {
+        Some(why) if !view.synced => ClaimSet::unavailable(why.to_owned()),
+        _ => ClaimSet { synced: view.synced, unavailable: None, claims },
     }
 }
 
@@ -178,16 +199,28 @@ pub async fn connect(cfg: ClusterConfig, shutdown: CancellationToken) -> Result<
     let settings =
         settings::spawn(client.clone(), cfg.mpd_controller_cm_name.clone(), metrics.clone(), shutdown.clone());
     let host_ports = pods::spawn_host_ports(client.clone(), &node, metrics.clone(), shutdown.clone());
+    let node_ports = services::spawn_node_ports(client.clone(), metrics.clone(), shutdown.clone());
     let live_instances = LiveInsIds::spawn(client.clone(), metrics.clone(), shutdown.clone());
     let (versions, versions_synced) =
         engines::spawn_versions(client.clone(), &cfg.core_version_cm_labels, metrics.clone(), shutdown.clone());
-    Ok(Some(Cluster { node, client, metrics, settings, host_ports, live_instances, versions, versions_synced, cfg }))
+    Ok(Some(Cluster {
+        node,
+        client,
+        metrics,
+        settings,
+        host_ports,
+        node_ports,
+        live_instances,
+        versions,
+        versions_synced,
+        cfg,
+    }))
 }
 
 impl Cluster {
     /// The ports domain's claim sources this cluster feeds.
     pub fn claim_inputs(&self) -> ClaimInputs {
-        vec![(ClaimSource::HostPorts, self.host_ports.clone())]
+        vec![(ClaimSource::HostPorts, self.host_ports.clone()), (ClaimSource::NodePorts, self.node_ports.clone())]
     }
 
     /// The client NIC to watch (see [`settings::nic_config`]).

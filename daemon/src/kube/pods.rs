@@ -46,13 +46,21 @@ fn claims_of(pods: &BTreeMap<String, Pod>) -> BTreeMap<(Proto, u16), Vec<Claim>>
     claims
 }
 
+/// The host ports a pod holds: its containers' hostPorts, and for a
+/// hostNetwork pod every containerPort (Kubernetes defaults hostPort to
+/// containerPort there; an object that was not defaulted means the same).
+/// From the moment the pod is bound to this node, before its process binds:
+/// the port is promised to it.
 fn host_ports_of<'a>(key: &'a str, pod: &'a Pod) -> impl Iterator<Item = HostPort> + 'a {
     // A finished pod holds nothing; a pending one may already be bound by kubelet.
     let finished =
         pod.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p == "Succeeded" || p == "Failed");
-    let containers = pod.spec.iter().filter(move |_| !finished).flat_map(|s| s.containers.iter());
+    let host_network = pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
+    let spec = pod.spec.iter().filter(move |_| !finished);
+    let containers = spec.flat_map(|s| s.init_containers.iter().flatten().chain(s.containers.iter()));
     containers.flat_map(|c| c.ports.iter().flatten()).filter_map(move |p| {
-        let port = u16::try_from(p.host_port?).ok().filter(|&p| p > 0)?;
+        let port = p.host_port.filter(|&h| h > 0).or_else(|| host_network.then_some(p.container_port))?;
+        let port = u16::try_from(port).ok().filter(|&p| p > 0)?;
         let proto = match p.protocol.as_deref().unwrap_or("TCP") {
             "TCP" => Proto::Tcp,
             "UDP" => Proto::Udp,
@@ -74,12 +82,7 @@ pub fn spawn_host_ports(
     let api: Api<Pod> = Api::all(client);
     let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     tokio::spawn(mirror::run(api, cfg, "pods/this-node", metrics, shutdown, move |view| {
-        let next = ClaimSet {
-            // Once listed, a later error keeps the last known ports: they
-            // only ever make ports look taken.
-            synced: view.synced || tx.borrow().synced,
-            claims: claims_of(view.objects),
-        };
+        let next = super::claim_set(&view, claims_of(view.objects));
         tx.send_if_modified(|cur| {
             let changed = *cur != next;
             *cur = next;
@@ -104,7 +107,8 @@ impl LiveInsIds {
         let cfg = watcher::Config::default().labels(INS_ID_LABEL);
         let writer = me.clone();
         tokio::spawn(mirror::run(api, cfg, "pods/instances", metrics, shutdown, move |view| {
-            let ids = view.synced.then(|| {
+            // A late copy could miss a new instance: rule 1 waits.
+            let ids = (view.synced && view.healthy).then(|| {
                 view.objects.values().filter_map(|p| p.metadata.labels.as_ref()?.get(INS_ID_LABEL).cloned()).collect()
             });
             *writer.ids.write().unwrap_or_else(|p| p.into_inner()) = ids;
@@ -142,5 +146,18 @@ mod tests {
         let mut done = p.clone();
         done.status.as_mut().expect("status").phase = Some("Succeeded".into());
         assert_eq!(host_ports_of("default/db", &done).count(), 0);
+    }
+
+    #[test]
+    fn a_host_network_pod_holds_its_container_ports_before_it_binds_them() {
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "pg-0", "namespace": "db"},
+            "spec": {"hostNetwork": true, "nodeName": "n1", "containers": [
+                {"name": "engine", "ports": [{"containerPort": 5432}, {"containerPort": 6000, "hostPort": 6000, "protocol": "UDP"}]}
+            ]},
+            "status": {"phase": "Pending"}
+        }));
+        let got: Vec<_> = host_ports_of("db/pg-0", &p).map(|h| (h.proto, h.port)).collect();
+        assert_eq!(got, vec![(Proto::Tcp, 5432), (Proto::Udp, 6000)]);
     }
 }

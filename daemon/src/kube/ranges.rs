@@ -1,22 +1,22 @@
 //! The watched port ranges: the annotations of the operator's
 //! `polardb4mpd-controller` ConfigMap (COMPAT.md "Inputs").
 //!
-//! Every annotation value shaped `a-b` or `p` is a range, inclusive at both
-//! ends, as the operator reads it (the original daemon dropped the upper
-//! bound and ignored single ports). `polarbox.mpd.reserved.port.ranges` is a
-//! comma list of `a-b`, `a+n` or `p` that the operator never hands out: it is
-//! reported, not watched. A bad value is skipped with a reason; the rest apply.
+//! Every annotation value shaped `a-b`, `a+n` (a and the n ports after it) or
+//! `p` is a range, inclusive at both ends, as the operator reads it
+//! (PolarDB-Stack-Common `business/adapter/port_range.go`; the original
+//! daemon dropped the upper bound and ignored single ports). Every valid
+//! range is watched whatever its width: the limit that matters is the
+//! ConfigMap's 1 MiB, which the publisher enforces loudly.
+//! `polarbox.mpd.reserved.port.ranges` is a comma list of the same forms
+//! that the operator never hands out: it is reported, not watched. A bad
+//! value is skipped with a reason; the rest apply. A range that runs past
+//! 65535 (the operator does not check) is watched up to 65535, with a note.
 use std::{collections::BTreeMap, ops::RangeInclusive};
 
 use serde::Serialize;
 
 /// Annotation that lists reserved ports rather than a range to watch.
 pub const RESERVED_KEY: &str = "polarbox.mpd.reserved.port.ranges";
-
-/// A range wider than this is taken for a typo, not a plan: publishing every
-/// taken port of 1-65535 could outgrow the 1 MiB ConfigMap limit, and no
-/// shipped range is wider than 3,000 ports.
-pub const MAX_RANGE_WIDTH: u32 = 16_384;
 
 /// The operator's shipped ranges, used while its ConfigMap does not exist so
 /// the ports it would hand out are still published.
@@ -31,8 +31,9 @@ pub enum RangeError {
     OutOfBounds { value: String },
     #[error("{value:?}: the range is reversed")]
     Reversed { value: String },
-    #[error("{value:?}: a range of {width} ports is wider than {MAX_RANGE_WIDTH}")]
-    TooWide { value: String, width: u32 },
+    /// Not a skip: the range is watched up to 65535.
+    #[error("{value:?} runs past 65535: watched up to 65535")]
+    PastTheLastPort { value: String },
 }
 
 /// Ranges by the annotation that named them, plus the reserved list.
@@ -67,17 +68,23 @@ impl PortRanges {
     }
 
     /// Reads the annotations. Returns the ranges and, for each value that was
-    /// skipped, the annotation key and why.
+    /// skipped or cut at 65535, the annotation key and why.
     pub fn from_annotations(annotations: &BTreeMap<String, String>) -> (Self, Vec<(String, RangeError)>) {
         let mut out = Self::default();
-        let mut skipped = Vec::new();
+        let mut problems = Vec::new();
+        let mut take = |key: &String, v: &str, list: &mut Vec<NamedRange>| match parse_range(v) {
+            Ok(Parsed { from, to, clamped }) => {
+                list.push(NamedRange { source: key.clone(), from, to });
+                if clamped {
+                    problems.push((key.clone(), RangeError::PastTheLastPort { value: v.into() }));
+                }
+            }
+            Err(e) => problems.push((key.clone(), e)),
+        };
         for (key, value) in annotations {
             if key == RESERVED_KEY {
                 for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-                    match parse_reserved(item) {
-                        Ok((from, to)) => out.reserved.push(NamedRange { source: key.clone(), from, to }),
-                        Err(e) => skipped.push((key.clone(), e)),
-                    }
+                    take(key, item, &mut out.reserved);
                 }
                 continue;
             }
@@ -88,59 +95,50 @@ impl PortRanges {
             if v.is_empty() || !v.starts_with(|c: char| c.is_ascii_digit()) {
                 continue;
             }
-            match parse_range(v) {
-                Ok((from, to)) => out.watched.push(NamedRange { source: key.clone(), from, to }),
-                Err(e) => skipped.push((key.clone(), e)),
-            }
+            take(key, v, &mut out.watched);
         }
-        (out, skipped)
+        (out, problems)
     }
 }
 
-fn port(s: &str, whole: &str) -> Result<u16, RangeError> {
+/// A number of the range; ports are 1 to 65535, but an end past 65535 is
+/// kept as it is for the caller to clamp.
+fn number(s: &str, whole: &str) -> Result<u32, RangeError> {
     let s = s.trim();
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
         return Err(RangeError::NotARange { value: whole.into() });
     }
-    match s.parse::<u32>() {
-        Ok(p @ 1..=65535) => Ok(p as u16),
-        _ => Err(RangeError::OutOfBounds { value: whole.into() }),
-    }
+    s.parse::<u32>().map_err(|_| RangeError::OutOfBounds { value: whole.into() })
 }
 
-fn checked(from: u16, to: u16, whole: &str) -> Result<(u16, u16), RangeError> {
-    if from > to {
-        return Err(RangeError::Reversed { value: whole.into() });
-    }
-    let width = u32::from(to) - u32::from(from) + 1;
-    if width > MAX_RANGE_WIDTH {
-        return Err(RangeError::TooWide { value: whole.into(), width });
-    }
-    Ok((from, to))
-}
-
-/// `a-b` or `p`.
-pub fn parse_range(v: &str) -> Result<(u16, u16), RangeError> {
-    match v.split_once('-') {
-        Some((a, b)) => checked(port(a, v)?, port(b, v)?, v),
-        None => {
-            let p = port(v, v)?;
-            Ok((p, p))
-        }
-    }
+/// A parsed range, clamped to 65535.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Parsed {
+    pub from: u16,
+    pub to: u16,
+    /// The range ran past 65535.
+    pub clamped: bool,
 }
 
 /// `a-b`, `a+n` (a and the n ports after it) or `p`.
-pub fn parse_reserved(v: &str) -> Result<(u16, u16), RangeError> {
-    match v.split_once('+') {
-        Some((a, n)) => {
-            let from = port(a, v)?;
-            let n: u32 = n.trim().parse().map_err(|_| RangeError::NotARange { value: v.into() })?;
-            let to = u16::try_from(u32::from(from) + n).map_err(|_| RangeError::OutOfBounds { value: v.into() })?;
-            checked(from, to, v)
-        }
-        None => parse_range(v),
+pub fn parse_range(v: &str) -> Result<Parsed, RangeError> {
+    let (from, to) = if let Some((a, b)) = v.split_once('-') {
+        (number(a, v)?, number(b, v)?)
+    } else if let Some((a, n)) = v.split_once('+') {
+        let from = number(a, v)?;
+        (from, from.saturating_add(number(n, v)?))
+    } else {
+        let p = number(v, v)?;
+        (p, p)
+    };
+    if from == 0 || from > 65535 {
+        return Err(RangeError::OutOfBounds { value: v.into() });
     }
+    if from > to {
+        return Err(RangeError::Reversed { value: v.into() });
+    }
+    let clamped = to > 65535;
+    Ok(Parsed { from: from as u16, to: to.min(65535) as u16, clamped })
 }
 
 #[cfg(test)]
@@ -166,19 +164,35 @@ mod tests {
             ("reversed", "200-100"),
             ("zero", "0-10"),
             ("big", "65000-70000"),
-            ("wide", "1-65535"),
+            ("huge", "99999-100000"),
             ("junk", "12ab"),
             ("note", "owned by the operator"),
             ("kubectl.kubernetes.io/last-applied-configuration", "{\"a\":1}"),
         ]));
-        assert_eq!(r.watched, vec![NamedRange { source: "ok".into(), from: 30000, to: 30010 }]);
+        assert_eq!(
+            r.watched,
+            vec![
+                NamedRange { source: "big".into(), from: 65000, to: 65535 },
+                NamedRange { source: "ok".into(), from: 30000, to: 30010 },
+            ]
+        );
         let why: BTreeMap<_, _> = skipped.into_iter().collect();
         assert!(matches!(why["reversed"], RangeError::Reversed { .. }));
         assert!(matches!(why["zero"], RangeError::OutOfBounds { .. }));
-        assert!(matches!(why["big"], RangeError::OutOfBounds { .. }));
-        assert!(matches!(why["wide"], RangeError::TooWide { width: 65535, .. }));
+        assert!(matches!(why["big"], RangeError::PastTheLastPort { .. }), "kept, cut at 65535");
+        assert!(matches!(why["huge"], RangeError::OutOfBounds { .. }));
         assert!(matches!(why["junk"], RangeError::NotARange { .. }));
         assert_eq!(why.len(), 5, "prose and JSON annotations are not ranges: {why:?}");
+    }
+
+    #[test]
+    fn every_width_and_the_operators_plus_form_are_watched() {
+        let (r, problems) =
+            PortRanges::from_annotations(&ann(&[("all", "1-65535"), ("plus", "40000+20000"), ("one", "6000+0")]));
+        assert!(problems.is_empty(), "{problems:?}");
+        let got: Vec<_> = r.watched.iter().map(|n| (n.source.as_str(), n.from, n.to)).collect();
+        assert_eq!(got, vec![("all", 1, 65535), ("one", 6000, 6000), ("plus", 40000, 60000)]);
+        assert!(r.contains(60000) && !r.contains(0));
     }
 
     #[test]

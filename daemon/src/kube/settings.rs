@@ -107,7 +107,11 @@ pub fn spawn(
             let next = derive(&latest, &mpd_name, &mut |key, value, err| {
                 // One warning per bad value, not one per event.
                 if warned.insert((key.to_owned(), value.to_owned())) {
-                    tracing::warn!(configmap = %mpd_name, annotation = key, error = %err, "skipping a port range");
+                    let what = match err {
+                        RangeError::PastTheLastPort { .. } => "watching a port range up to 65535",
+                        _ => "skipping a port range",
+                    };
+                    tracing::warn!(configmap = %mpd_name, annotation = key, error = %err, "{what}");
                 }
             });
             tx.send_if_modified(|cur| {
@@ -206,8 +210,8 @@ fn derive(latest: &Latest, mpd_name: &str, warn: &mut dyn FnMut(&str, &str, &Ran
         Some(cm) => {
             let empty = BTreeMap::new();
             let annotations = cm.metadata.annotations.as_ref().unwrap_or(&empty);
-            let (ranges, skipped) = PortRanges::from_annotations(annotations);
-            for (key, err) in &skipped {
+            let (ranges, problems) = PortRanges::from_annotations(annotations);
+            for (key, err) in &problems {
                 warn(key, annotations.get(key).map(String::as_str).unwrap_or(""), err);
             }
             s.ranges = ranges;

@@ -1,15 +1,17 @@
 //! The sweeper's handle: schedule, on-demand sweeps, last report, metrics.
 
-use std::fmt::Write as _;
+use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use prometheus_client::encoding::DescriptorEncoder;
 use tokio_util::sync::CancellationToken;
 
 use super::config::{LogSweepArgs, LogSweepConfigError, SweepConfig};
 use super::report::{unix_seconds, Rule, SweepReport};
 use super::{sweep, LiveInstances, SweepError};
+use crate::telemetry::{counter, counter_by, gauge};
 
 /// Delay of the first scheduled sweep: soon enough to show a report shortly
 /// after a rollout, late enough not to compete with start-up.
@@ -31,7 +33,7 @@ struct Inner {
     metrics: Metrics,
 }
 
-/// Plain atomics, rendered by [`SweepHandle::render_metrics`].
+/// Plain atomics, encoded by [`SweepHandle::encode_metrics`].
 #[derive(Default)]
 struct Metrics {
     removed_entries: [AtomicU64; 3],
@@ -133,35 +135,42 @@ impl SweepHandle {
         self.inner.last.lock().ok().and_then(|l| l.clone())
     }
 
-    /// Appends the sweeper's metrics in Prometheus text format.
-    pub fn render_metrics(&self, out: &mut String) {
+    /// Encodes the sweeper's metrics from its atomics, at scrape time.
+    pub fn encode_metrics(&self, e: &mut DescriptorEncoder<'_>) -> fmt::Result {
         let m = &self.inner.metrics;
-        let _ = writeln!(out, "# HELP polarstack_logs_removed_files_total Entries (files, folders, symlinks) removed by real log sweeps, by rule.");
-        let _ = writeln!(out, "# TYPE polarstack_logs_removed_files_total counter");
-        for rule in Rule::ALL {
-            let v = m.removed_entries[rule.index()].load(Ordering::Relaxed);
-            let _ = writeln!(out, "polarstack_logs_removed_files_total{{rule=\"{}\"}} {v}", rule.as_str());
+        fn by_rule(counts: &[AtomicU64; 3]) -> impl Iterator<Item = ([(&str, &str); 1], u64)> + '_ {
+            Rule::ALL.into_iter().map(|rule| ([("rule", rule.as_str())], counts[rule.index()].load(Ordering::Relaxed)))
         }
-        let _ = writeln!(out, "# HELP polarstack_logs_removed_bytes_total Bytes (apparent size of regular files) removed by real log sweeps, by rule.");
-        let _ = writeln!(out, "# TYPE polarstack_logs_removed_bytes_total counter");
-        for rule in Rule::ALL {
-            let v = m.removed_bytes[rule.index()].load(Ordering::Relaxed);
-            let _ = writeln!(out, "polarstack_logs_removed_bytes_total{{rule=\"{}\"}} {v}", rule.as_str());
-        }
-        let _ = writeln!(
-            out,
-            "# HELP polarstack_logs_sweep_errors_total Errors met by log sweeps (each one deleted nothing)."
-        );
-        let _ = writeln!(out, "# TYPE polarstack_logs_sweep_errors_total counter");
-        let _ = writeln!(out, "polarstack_logs_sweep_errors_total {}", m.errors.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# HELP polarstack_logs_sweep_duration_seconds Duration of the last log sweep.");
-        let _ = writeln!(out, "# TYPE polarstack_logs_sweep_duration_seconds gauge");
-        let d = f64::from_bits(m.duration_bits.load(Ordering::Relaxed));
-        let _ = writeln!(out, "polarstack_logs_sweep_duration_seconds {d}");
-        let _ = writeln!(out, "# HELP polarstack_logs_last_success_timestamp_seconds Unix time of the last log sweep that ran to completion (0 = never).");
-        let _ = writeln!(out, "# TYPE polarstack_logs_last_success_timestamp_seconds gauge");
-        let t = f64::from_bits(m.last_success_bits.load(Ordering::Relaxed));
-        let _ = writeln!(out, "polarstack_logs_last_success_timestamp_seconds {t}");
+        counter_by(
+            e,
+            "polarstack_logs_removed_files_total",
+            "Entries (files, folders, symlinks) removed by real log sweeps, by rule.",
+            by_rule(&m.removed_entries),
+        )?;
+        counter_by(
+            e,
+            "polarstack_logs_removed_bytes_total",
+            "Bytes (apparent size of regular files) removed by real log sweeps, by rule.",
+            by_rule(&m.removed_bytes),
+        )?;
+        counter(
+            e,
+            "polarstack_logs_sweep_errors_total",
+            "Errors met by log sweeps (each one deleted nothing).",
+            m.errors.load(Ordering::Relaxed),
+        )?;
+        gauge(
+            e,
+            "polarstack_logs_sweep_duration_seconds",
+            "Duration of the last log sweep.",
+            f64::from_bits(m.duration_bits.load(Ordering::Relaxed)),
+        )?;
+        gauge(
+            e,
+            "polarstack_logs_last_success_timestamp_seconds",
+            "Unix time of the last log sweep that ran to completion (0 = never).",
+            f64::from_bits(m.last_success_bits.load(Ordering::Relaxed)),
+        )
     }
 }
 

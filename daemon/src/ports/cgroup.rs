@@ -18,6 +18,14 @@ pub fn find_root() -> Option<PathBuf> {
     ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"].into_iter().map(PathBuf::from).find(|p| is_cgroup2(p))
 }
 
+/// Whether `path` is the root of the host's cgroup v2 hierarchy (cgroup id
+/// 1). Inside a container's own cgroup namespace the mount's root is the
+/// container's cgroup: programs attached there would see the container's
+/// sockets only, while claiming to see the host's.
+pub fn is_host_root(path: &Path) -> bool {
+    fs::metadata(path).is_ok_and(|m| m.ino() == 1)
+}
+
 pub fn is_cgroup2(path: &Path) -> bool {
     let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
         return false;
@@ -129,6 +137,12 @@ mod tests {
     fn finds_a_cgroup2_root_on_this_host() {
         let root = find_root().expect("cgroup2 mounted");
         assert!(is_cgroup2(&root));
+        assert!(is_host_root(&root), "the test host's own root cgroup");
         assert!(!is_cgroup2(Path::new("/tmp")));
+        let child = root.join(format!("polarstack-test-{}", std::process::id()));
+        std::fs::create_dir(&child).expect("create a child cgroup (root, cgroup v2)");
+        let is_root = is_host_root(&child);
+        let _ = std::fs::remove_dir(&child);
+        assert!(!is_root, "a child cgroup is not the root");
     }
 }

@@ -216,8 +216,10 @@ impl Probes {
             .filter_map(|s| s.kind)
             .collect();
         if !retry.is_empty() {
+            // Hooks that share a feature global are retried together: the
+            // global holds one value for both.
             for (h, f) in features.iter_mut() {
-                if retry.contains(h) {
+                if retry.iter().any(|r| r.feature_global() == h.feature_global()) {
                     *f = 0;
                 }
             }
@@ -274,19 +276,15 @@ impl Probes {
     /// how many could not be decoded.
     pub async fn next_batch(&mut self, batch: &mut Vec<Event>) -> io::Result<usize> {
         let mut guard = self.events.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        let mut undecodable = 0;
-        while let Some(item) = ring.next() {
-            match decode(&item) {
-                Ok(ev) => batch.push(ev),
-                Err(e) => {
-                    undecodable += 1;
-                    tracing::debug!(error = %e, "undecodable ring-buffer record");
-                }
-            }
-        }
+        let undecodable = drain_ring(guard.get_inner_mut(), batch);
         guard.clear_ready();
         Ok(undecodable)
+    }
+
+    /// Decodes the records in the ring now, without waiting; returns how many
+    /// could not be decoded.
+    pub fn drain(&mut self, batch: &mut Vec<Event>) -> usize {
+        drain_ring(self.events.get_mut(), batch)
     }
 
     pub fn counters(&self) -> KernelCounters {
@@ -628,6 +626,20 @@ fn register<T: AsRawFd>(inner: T) -> Result<AsyncFd<T>, EbpfError> {
     // earlier) and always returns the same one; the AsyncFd owns `inner`, so
     // the descriptor outlives the registration.
     unsafe { AsyncFd::register(inner) }.map_err(|e| EbpfError::Poll(e.into_parts().1))
+}
+
+fn drain_ring(ring: &mut RingBuf<MapData>, batch: &mut Vec<Event>) -> usize {
+    let mut undecodable = 0;
+    while let Some(item) = ring.next() {
+        match decode(&item) {
+            Ok(ev) => batch.push(ev),
+            Err(e) => {
+                undecodable += 1;
+                tracing::debug!(error = %e, "undecodable ring-buffer record");
+            }
+        }
+    }
+    undecodable
 }
 
 /// Decodes one ring-buffer record.

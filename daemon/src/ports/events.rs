@@ -58,6 +58,9 @@ mod none {
         pub async fn next_batch(&mut self, _: &mut Vec<Event>) -> std::io::Result<usize> {
             match *self {}
         }
+        pub fn drain(&mut self, _: &mut Vec<Event>) -> usize {
+            match *self {}
+        }
         pub fn counters(&self) -> KernelCounters {
             match *self {}
         }

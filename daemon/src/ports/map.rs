@@ -208,7 +208,12 @@ impl PortMap {
     /// either: they stay in the map until a dump shows them in another
     /// state, so their ports may read taken after they are free.
     pub fn unverifiable(&self) -> impl Iterator<Item = &Socket> + '_ {
-        self.sockets.values().filter(|s| s.untracked && !self.visible.contains(Tables::of(s.proto, s.state)))
+        self.sockets.values().filter(|s| self.is_unverifiable(s))
+    }
+
+    /// See [`PortMap::unverifiable`].
+    pub fn is_unverifiable(&self, s: &Socket) -> bool {
+        s.untracked && !self.visible.contains(Tables::of(s.proto, s.state))
     }
 
     /// Whether a dump that missed `s` proves it gone: it was asked for the
@@ -333,13 +338,24 @@ impl PortMap {
                 EventEffect::Verify(key, tables)
             }
             EventKind::Unlisten => {
-                // A listener stopped listening (shutdown, or the close
-                // before its release): it may still hold the port bound.
-                if self.by_port.contains_key(&key) {
-                    EventEffect::Verify(key, Tables::LISTEN.union(Tables::BOUND))
-                } else {
-                    EventEffect::Ignored
-                }
+                // A listener stopped listening (shutdown(), or the close
+                // before its release). An explicitly bound one is back in
+                // the bind hash, still holding the port: it is bound now, and
+                // only a dump that lists bound sockets (or its release) may
+                // remove it. One that autobound let the port go, which that
+                // dump shows too.
+                let Some(s) = self.sockets.get(&ev.cookie).filter(|s| s.state == SockState::Listen) else {
+                    return if self.by_port.contains_key(&key) {
+                        EventEffect::Verify(key, Tables::LISTEN.union(Tables::BOUND))
+                    } else {
+                        EventEffect::Ignored
+                    };
+                };
+                let bound =
+                    Socket { state: SockState::Bound, last_event_ns: ev.ts_ns.max(s.last_event_ns), ..s.clone() };
+                let key = (bound.proto, bound.port);
+                self.upsert(bound, changes);
+                EventEffect::Verify(key, Tables::BOUND)
             }
         }
     }
@@ -750,11 +766,37 @@ mod tests {
         let mut ch = vec![];
         let hint = ev(EventKind::Unlisten, 1, 7000, 10);
         assert_eq!(m.apply_event(&hint, now(), &mut ch), EventEffect::Ignored);
-        m.apply_event(&ev(EventKind::Listen, 1, 7000, 5), now(), &mut ch);
+        m.apply_event(&ev(EventKind::Listen, 2, 7000, 5), now(), &mut ch);
         assert_eq!(
             m.apply_event(&hint, now(), &mut ch),
-            EventEffect::Verify((Proto::Tcp, 7000), Tables::LISTEN.union(Tables::BOUND))
+            EventEffect::Verify((Proto::Tcp, 7000), Tables::LISTEN.union(Tables::BOUND)),
+            "another socket's hint on a port we hold"
         );
+    }
+
+    #[test]
+    fn a_listener_that_stops_listening_is_bound_until_a_bound_table_dump_says_otherwise() {
+        let mut m = blind_to_bound();
+        let mut ch = vec![];
+        let key = (Proto::Tcp, 7001);
+        m.apply_event(&ev(EventKind::Bind, 1, 7001, 5), now(), &mut ch);
+        m.apply_event(&ev(EventKind::Listen, 1, 7001, 6), now(), &mut ch);
+        assert_eq!(
+            m.apply_event(&ev(EventKind::Unlisten, 1, 7001, 10), now(), &mut ch),
+            EventEffect::Verify(key, Tables::BOUND)
+        );
+        assert_eq!(m.get(1).map(|s| s.state), Some(SockState::Bound));
+        // shutdown() left it in the bind hash: a dump blind to that table,
+        // however recent, must not free the port.
+        m.apply_snapshot(
+            &blind_snap(20, Scope::ports([key].into(), Tables::LISTEN.union(Tables::BOUND)), vec![]),
+            now(),
+            &mut ch,
+        );
+        assert!(m.is_taken(key));
+        // A dump that lists bound sockets (6.5+, or the socket iterator) may.
+        m.apply_snapshot(&snap(30, Scope::FULL, vec![]), now(), &mut ch);
+        assert!(!m.is_taken(key));
     }
 
     /// Before Linux 6.5 sock_diag cannot list bound TCP sockets.

@@ -1,8 +1,12 @@
-//! Counters of the ports domain, rendered in the Prometheus text format.
+//! Counters of the ports domain, and their encoding for `/metrics` (see
+//! [`crate::telemetry`]).
 use std::{
+    fmt,
     sync::atomic::{AtomicU64, Ordering::Relaxed},
     time::Duration,
 };
+
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
 use polarstack_ebpf_common::EventKind;
 
@@ -11,9 +15,9 @@ use super::{
     kernel::BlindSpot,
     map::{MergeStats, PortMap, Scope, Tables},
     model::Proto,
-    Mode, Status,
+    Mode, Ports, Status,
 };
-use crate::telemetry::{write_metric, MetricKind};
+use crate::telemetry::{counter, counter_by, gauge, gauge_by};
 
 const KINDS: [(EventKind, &str); 5] = [
     (EventKind::Bind, "bind"),
@@ -87,157 +91,157 @@ impl PortMetrics {
         (self.repairs_added.load(Relaxed), self.repairs_removed.load(Relaxed))
     }
 
-    pub fn render(&self, map: &PortMap, status: &Status, out: &mut String) {
-        use MetricKind::{Counter, Gauge};
-        let events: Vec<_> = KINDS
-            .iter()
-            .enumerate()
-            .map(|(i, (_, name))| (format!("kind=\"{name}\""), self.events[i].load(Relaxed) as f64))
-            .collect();
-        write_metric(out, "polarstack_ports_events_total", "eBPF events received, by hook.", Counter, &events);
-        let one = |v: u64| [(String::new(), v as f64)];
-        let kernel = *self.kernel.lock().unwrap_or_else(|p| p.into_inner());
-        write_metric(
-            out,
+    /// Copies the counters, and what `map` and `status` say, out for one
+    /// scrape.
+    pub fn scrape(&self, map: &PortMap, status: &Status) -> PortsScrape {
+        let load = |a: &AtomicU64| a.load(Relaxed);
+        PortsScrape {
+            events: std::array::from_fn(|i| load(&self.events[i])),
+            kernel: *self.kernel.lock().unwrap_or_else(|p| p.into_inner()),
+            foreign_daemon: load(&self.foreign_daemon),
+            seed_failures: load(&self.seed_failures),
+            undecodable: load(&self.undecodable),
+            dumps: [load(&self.dumps_full), load(&self.dumps_fast), load(&self.dumps_ports)],
+            dump_errors: load(&self.dump_errors),
+            repairs: self.repairs(),
+            last_full_dump_ns: load(&self.last_full_dump_ns),
+            sockets: map.len() as u64,
+            taken: Proto::ALL.map(|p| (p, map.taken_count(p) as u64)),
+            status: status.clone(),
+        }
+    }
+}
+
+impl Ports {
+    /// The ports domain's metrics, copied out at scrape time: a collector
+    /// for the `/metrics` registry.
+    pub fn metrics(&self) -> PortsScrape {
+        let t = self.read();
+        self.metrics.scrape(&t.map, &t.status)
+    }
+}
+
+/// The ports domain's metrics at one scrape. Copied out under the table's
+/// read lock, like every answer of [`Ports`], so that encoding them does not
+/// hold it.
+#[derive(Debug)]
+pub struct PortsScrape {
+    /// In the order of `KINDS`.
+    events: [u64; 5],
+    kernel: KernelCounters,
+    foreign_daemon: u64,
+    seed_failures: u64,
+    undecodable: u64,
+    /// Full, fast, ports.
+    dumps: [u64; 3],
+    dump_errors: u64,
+    /// Added, removed.
+    repairs: (u64, u64),
+    last_full_dump_ns: u64,
+    sockets: u64,
+    taken: [(Proto, u64); 2],
+    status: Status,
+}
+
+impl Collector for PortsScrape {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let e = &mut encoder;
+        let (kernel, status) = (&self.kernel, &self.status);
+        let events = KINDS.iter().zip(self.events).map(|((_, kind), n)| ([("kind", *kind)], n));
+        counter_by(e, "polarstack_ports_events_total", "eBPF events received, by hook.", events)?;
+        counter_by(
+            e,
             "polarstack_ports_foreign_netns_events_total",
             "Events from other network namespaces, dropped: in the kernel, or by the daemon (a backstop that should stay 0).",
-            Counter,
-            &[
-                ("where=\"kernel\"".into(), kernel.foreign as f64),
-                ("where=\"daemon\"".into(), self.foreign_daemon.load(Relaxed) as f64),
-            ],
-        );
-        write_metric(
-            out,
+            [([("where", "kernel")], kernel.foreign), ([("where", "daemon")], self.foreign_daemon)],
+        )?;
+        counter(
+            e,
             "polarstack_ports_netns_unknown_events_total",
             "Events from hooks that cannot read namespace cookies on this kernel, each checked with a dump.",
-            Counter,
-            &one(kernel.netns_unknown),
-        );
-        write_metric(
-            out,
+            kernel.netns_unknown,
+        )?;
+        counter(
+            e,
             "polarstack_ports_lost_events_total",
             "Events the kernel dropped because the ring buffer was full (each forces a resync).",
-            Counter,
-            &one(kernel.ring_full),
-        );
-        write_metric(
-            out,
+            kernel.ring_full,
+        )?;
+        counter_by(
+            e,
             "polarstack_ports_untracked_sockets_total",
             "Sockets the kernel's tracking table had no room for (their close is not reported), and sockets found by dumps that could not be entered.",
-            Counter,
-            &[
-                ("where=\"kernel\"".into(), kernel.track_full as f64),
-                ("where=\"seed\"".into(), self.seed_failures.load(Relaxed) as f64),
-            ],
-        );
-        write_metric(
-            out,
+            [([("where", "kernel")], kernel.track_full), ([("where", "seed")], self.seed_failures)],
+        )?;
+        counter(
+            e,
             "polarstack_ports_undecodable_events_total",
             "Ring-buffer records the daemon could not decode (dropped).",
-            Counter,
-            &one(self.undecodable.load(Relaxed)),
-        );
-        write_metric(
-            out,
+            self.undecodable,
+        )?;
+        let [full, fast, ports] = self.dumps;
+        counter_by(
+            e,
             "polarstack_ports_dumps_total",
             "sock_diag dumps, by scope: full (every table), fast (listeners and UDP), ports (verification).",
-            Counter,
-            &[
-                ("scope=\"full\"".into(), self.dumps_full.load(Relaxed) as f64),
-                ("scope=\"fast\"".into(), self.dumps_fast.load(Relaxed) as f64),
-                ("scope=\"ports\"".into(), self.dumps_ports.load(Relaxed) as f64),
-            ],
-        );
-        write_metric(
-            out,
+            [([("scope", "full")], full), ([("scope", "fast")], fast), ([("scope", "ports")], ports)],
+        )?;
+        counter(
+            e,
             "polarstack_ports_dump_errors_total",
             "sock_diag dumps that failed (the map is kept as it was).",
-            Counter,
-            &one(self.dump_errors.load(Relaxed)),
-        );
-        let (added, removed) = self.repairs();
-        write_metric(
-            out,
+            self.dump_errors,
+        )?;
+        let (added, removed) = self.repairs;
+        counter_by(
+            e,
             "polarstack_ports_resync_repairs_total",
             "Sockets a periodic resync found missing from (added) or stale in (removed) the map.",
-            Counter,
-            &[("kind=\"added\"".into(), added as f64), ("kind=\"removed\"".into(), removed as f64)],
-        );
-        write_metric(
-            out,
+            [([("kind", "added")], added), ([("kind", "removed")], removed)],
+        )?;
+        gauge(
+            e,
             "polarstack_ports_last_full_dump_seconds",
             "Duration of the last full sock_diag dump.",
-            Gauge,
-            &[(String::new(), self.last_full_dump_ns.load(Relaxed) as f64 / 1e9)],
-        );
-        write_metric(
-            out,
-            "polarstack_ports_sockets",
-            "Sockets holding a port in the watched namespace.",
-            Gauge,
-            &one(map.len() as u64),
-        );
-        let taken: Vec<_> = Proto::ALL.iter().map(|p| (format!("proto=\"{p}\""), map.taken_count(*p) as f64)).collect();
-        write_metric(out, "polarstack_ports_taken", "Distinct taken ports.", Gauge, &taken);
-        let (ebpf, snapshot) = match status.mode {
-            Mode::Ebpf => (1.0, 0.0),
-            Mode::SnapshotOnly { .. } => (0.0, 1.0),
-        };
-        write_metric(
-            out,
+            self.last_full_dump_ns as f64 / 1e9,
+        )?;
+        gauge(e, "polarstack_ports_sockets", "Sockets holding a port in the watched namespace.", self.sockets)?;
+        let taken = self.taken.map(|(p, n)| ([("proto", p.as_str())], n));
+        gauge_by(e, "polarstack_ports_taken", "Distinct taken ports.", taken)?;
+        let ebpf = matches!(status.mode, Mode::Ebpf);
+        gauge_by(
+            e,
             "polarstack_ports_mode",
             "How the port map is fed: 1 for the active mode (snapshot-only means degraded).",
-            Gauge,
-            &[("mode=\"ebpf\"".into(), ebpf), ("mode=\"snapshot-only\"".into(), snapshot)],
-        );
-        let hooks: Vec<_> = status
-            .kernel
-            .hooks
-            .iter()
-            .map(|h| (format!("hook=\"{}\"", h.hook), f64::from(u8::from(h.attached))))
-            .collect();
-        write_metric(
-            out,
+            [([("mode", "ebpf")], u64::from(ebpf)), ([("mode", "snapshot-only")], u64::from(!ebpf))],
+        )?;
+        let hooks = status.kernel.hooks.iter().map(|h| ([("hook", h.hook)], u64::from(h.attached)));
+        gauge_by(
+            e,
             "polarstack_ports_hook_attached",
             "1 for each eBPF hook this kernel accepted, 0 for each it refused (see /readyz for the reason).",
-            Gauge,
-            &hooks,
-        );
-        let blind: Vec<_> = BlindSpot::KINDS
-            .iter()
-            .map(|k| {
-                let on = status.blind_spots.iter().any(|b| b.kind() == *k);
-                (format!("kind=\"{k}\""), f64::from(u8::from(on)))
-            })
-            .collect();
-        write_metric(
-            out,
+            hooks,
+        )?;
+        let blind =
+            BlindSpot::KINDS.map(|k| ([("kind", k)], u64::from(status.blind_spots.iter().any(|b| b.kind() == k))));
+        gauge_by(
+            e,
             "polarstack_ports_blind_spot",
             "1 for each kind of socket this kernel hides from the daemon (answers it could change are uncertain).",
-            Gauge,
-            &blind,
-        );
-        write_metric(
-            out,
+            blind,
+        )?;
+        gauge(
+            e,
             "polarstack_ports_unverifiable_ports",
             "Ports held by bound sockets whose release cannot be observed (tracking table full, dumps blind).",
-            Gauge,
-            &one(status.unverifiable.len() as u64),
-        );
-        write_metric(
-            out,
-            "polarstack_ports_ready",
-            "1 once the first full dump is merged.",
-            Gauge,
-            &one(status.ready as u64),
-        );
-        write_metric(
-            out,
+            status.unverifiable.len() as u64,
+        )?;
+        gauge(e, "polarstack_ports_ready", "1 once the first full dump is merged.", u64::from(status.ready))?;
+        gauge(
+            e,
             "polarstack_ports_stale",
             "1 while lost events await a repairing resync (nothing is reported free).",
-            Gauge,
-            &one(status.stale as u64),
-        );
+            u64::from(status.stale),
+        )
     }
 }

@@ -49,7 +49,7 @@ use std::{
 };
 
 use serde::Serialize;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use self::{
@@ -218,12 +218,34 @@ pub struct SocketFilter {
 pub struct Ports {
     table: Arc<RwLock<PortTable>>,
     changes: broadcast::Sender<PortChange>,
+    /// Asks the tracker to apply the events already in the ring.
+    settles: mpsc::Sender<oneshot::Sender<()>>,
     status: watch::Receiver<Status>,
     metrics: Arc<PortMetrics>,
     containers: Arc<ContainerIds>,
 }
 
+/// How long a reader waits for the tracker to apply pending events before it
+/// answers from the map as it is.
+const SETTLE_WAIT: Duration = Duration::from_millis(250);
+
 impl Ports {
+    /// Waits until every eBPF event already in the ring buffer is applied:
+    /// answers given after this include every bind, listen and connect that
+    /// completed before it was called. Bounded by `SETTLE_WAIT`; false when
+    /// the tracker did not answer in time (the answer may then lag events of
+    /// the last moments, which the caller may say).
+    pub async fn settle(&self) -> bool {
+        let (reply, done) = oneshot::channel();
+        let asked = async {
+            // Waits for room when many readers settle at once: each one's
+            // drain must begin after its own call.
+            self.settles.send(reply).await.ok()?;
+            done.await.ok()
+        };
+        tokio::time::timeout(SETTLE_WAIT, asked).await.ok().flatten().is_some()
+    }
+
     fn read(&self) -> RwLockReadGuard<'_, PortTable> {
         // A panicking writer would have taken the daemon down; the data is
         // still consistent (updates are applied whole), so read through poison.
@@ -369,11 +391,6 @@ impl Ports {
     pub fn container_of(&self, cgroup_id: u64) -> Option<String> {
         self.containers.lookup(cgroup_id)
     }
-
-    pub fn render_metrics(&self, out: &mut String) {
-        let t = self.read();
-        self.metrics.render(&t.map, &t.status, out);
-    }
 }
 
 /// What else makes ports taken: one watched set per claim source.
@@ -446,9 +463,11 @@ pub fn start(cfg: PortsConfig, inputs: ClaimInputs, shutdown: CancellationToken)
     let (status_tx, status_rx) = watch::channel(status.clone());
     let table = Arc::new(RwLock::new(PortTable { map: PortMap::new(visible), claims, status }));
     let (changes, _) = broadcast::channel(4096);
+    let (settles_tx, settles_rx) = mpsc::channel(64);
     let ports = Ports {
         table: table.clone(),
         changes: changes.clone(),
+        settles: settles_tx,
         status: status_rx,
         metrics: Arc::new(PortMetrics::default()),
         containers: Arc::new(ContainerIds::new(cgroup_root)),
@@ -475,7 +494,7 @@ pub fn start(cfg: PortsConfig, inputs: ClaimInputs, shutdown: CancellationToken)
         recover_tracked: false,
         counters_seen: KernelCounters::default(),
     };
-    tokio::spawn(tracker.run(probes, dump_res_rx, tracker::claim_updates(inputs), periods, shutdown));
+    tokio::spawn(tracker.run(probes, dump_res_rx, tracker::claim_updates(inputs), settles_rx, periods, shutdown));
     Ok(ports)
 }
 
@@ -487,6 +506,14 @@ fn load_probes(cfg: &PortsConfig, cgroup_root: Option<&std::path::Path>, visible
     let Some(root) = cgroup_root else {
         return (None, Mode::SnapshotOnly { reason: "no cgroup v2 mount found to attach to".into() });
     };
+    if !cgroup::is_host_root(root) {
+        let reason = format!(
+            "{} is not the host's root cgroup (a container's own cgroup namespace?): hooks attached there would \
+             see this container's sockets only; mount the host's /sys/fs/cgroup",
+            root.display()
+        );
+        return (None, Mode::SnapshotOnly { reason });
+    }
     let opts = ebpf::EbpfOptions {
         cgroup_root: root,
         ring_bytes: cfg.ring_bytes,

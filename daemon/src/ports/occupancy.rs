@@ -51,6 +51,10 @@ pub enum Claim {
 pub struct ClaimSet {
     /// The source has been read once: until then any port may be claimed.
     pub synced: bool,
+    /// The source cannot be read (the API server refuses it): it is not
+    /// waited for, and every port it could claim is answered unsure, with
+    /// this reason.
+    pub unavailable: Option<String>,
     pub claims: BTreeMap<PortKey, Vec<Claim>>,
 }
 
@@ -67,6 +71,8 @@ impl Serialize for ClaimSet {
         #[derive(Serialize)]
         struct View<'a> {
             synced: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            unavailable: Option<&'a str>,
             claims: Vec<Entry<'a>>,
         }
         let claims = self
@@ -74,14 +80,19 @@ impl Serialize for ClaimSet {
             .iter()
             .flat_map(|((proto, port), cs)| cs.iter().map(|claim| Entry { proto: *proto, port: *port, claim }))
             .collect();
-        View { synced: self.synced, claims }.serialize(s)
+        View { synced: self.synced, unavailable: self.unavailable.as_deref(), claims }.serialize(s)
     }
 }
 
 impl ClaimSet {
     /// A source with nothing to claim (standalone: no pods, no Services).
     pub fn empty_synced() -> Self {
-        Self { synced: true, claims: BTreeMap::new() }
+        Self { synced: true, unavailable: None, claims: BTreeMap::new() }
+    }
+
+    /// A source the API server refuses to show: not waited for.
+    pub fn unavailable(reason: String) -> Self {
+        Self { synced: true, unavailable: Some(reason), claims: BTreeMap::new() }
     }
 }
 
@@ -105,6 +116,8 @@ pub enum Unsure {
     Resyncing,
     /// A claim source has not been read yet.
     Unread { source: ClaimSource },
+    /// A claim source cannot be read (the API server refuses it).
+    Unavailable { source: ClaimSource, why: String },
     /// Held by a bound socket whose release this kernel cannot report: it
     /// may have been freed.
     Unverifiable,
@@ -124,6 +137,12 @@ impl Unsure {
             Unsure::Starting => "the port map is not complete yet (starting)".into(),
             Unsure::Resyncing => "the port map is resyncing after lost events".into(),
             Unsure::Unread { source } => format!("the {} input has not been read yet", source_name(*source)),
+            Unsure::Unavailable { source, why } => {
+                format!(
+                    "the {} input cannot be read ({why}): a port it claims would not be known",
+                    source_name(*source)
+                )
+            }
             Unsure::Unverifiable => {
                 "held by a bound socket whose close this kernel cannot report (tracking table full)".into()
             }
@@ -197,6 +216,11 @@ impl Claims {
         self.sets.iter().find(|(_, s)| !s.synced).map(|(src, _)| *src)
     }
 
+    /// A source that cannot be read, and why.
+    fn unavailable(&self) -> Option<(ClaimSource, &str)> {
+        self.sets.iter().find_map(|(src, s)| s.unavailable.as_deref().map(|why| (*src, why)))
+    }
+
     /// Replaces one source's set; returns the ports it claimed before or
     /// claims now (whose occupancy may have changed).
     pub fn replace(&mut self, source: ClaimSource, set: ClaimSet) -> Vec<PortKey> {
@@ -222,11 +246,18 @@ impl Claims {
 
 /// The verdict on `key` from the map, the claims and the map's status.
 pub fn verdict(map: &PortMap, claims: &Claims, status: &Status, key: PortKey) -> Verdict {
-    let sockets = map.sockets_on(key).filter(|s| s.blocks()).count();
+    // Sockets whose release cannot be observed may be gone: they alone do
+    // not make the port certainly taken, but any other socket does.
+    let (certain, unverifiable) = map.sockets_on(key).filter(|s| s.blocks()).fold((0, false), |(n, u), s| {
+        if map.is_unverifiable(s) {
+            (n, true)
+        } else {
+            (n + 1, u)
+        }
+    });
     let mut reasons: Vec<Reason> = claims.on(key).cloned().map(Reason::Claim).collect();
-    let unverifiable = status.unverifiable.contains(&key);
-    if sockets > 0 && !unverifiable {
-        reasons.insert(0, Reason::Sockets { count: sockets });
+    if certain > 0 {
+        reasons.insert(0, Reason::Sockets { count: certain });
     }
     if !reasons.is_empty() {
         return Verdict::Taken(reasons);
@@ -239,6 +270,8 @@ pub fn verdict(map: &PortMap, claims: &Claims, status: &Status, key: PortKey) ->
         Some(Unsure::Resyncing)
     } else if let Some(source) = claims.unread() {
         Some(Unsure::Unread { source })
+    } else if let Some((source, why)) = claims.unavailable() {
+        Some(Unsure::Unavailable { source, why: why.to_owned() })
     } else {
         status.blind_spot_for(key.0).map(|b| Unsure::BlindSpot { blind_spot: b.clone() })
     };

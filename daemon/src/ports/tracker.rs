@@ -11,7 +11,7 @@ use std::{
 
 use polarstack_ebpf_common::TrackedSocket;
 use tokio::{
-    sync::{broadcast, mpsc, watch},
+    sync::{broadcast, mpsc, oneshot, watch},
     time::{self, Instant, MissedTickBehavior},
 };
 use tokio_util::sync::CancellationToken;
@@ -108,6 +108,7 @@ impl Tracker {
         mut probes: Option<Probes>,
         mut dumps: mpsc::Receiver<DumpResult>,
         mut claims: mpsc::UnboundedReceiver<(ClaimSource, ClaimSet)>,
+        mut settles: mpsc::Receiver<oneshot::Sender<()>>,
         (fast_period, full_period): (Duration, Duration),
         shutdown: CancellationToken,
     ) {
@@ -148,6 +149,18 @@ impl Tracker {
                     self.apply_dump(done, &mut probes);
                 }
                 Some((source, set)) = claims.recv() => self.apply_claims(source, set),
+                Some(reply) = settles.recv() => {
+                    // A reader is about to answer: apply every event already in
+                    // the ring first, so a bind() that returned before its
+                    // question is in the answer.
+                    if let Some(p) = probes.as_mut() {
+                        let undecodable = p.drain(&mut batch);
+                        self.metrics.count_undecodable(undecodable);
+                        self.apply_events(&batch);
+                        batch.clear();
+                    }
+                    let _ = reply.send(());
+                }
                 _ = fast_tick.tick() => self.fast_pending = true,
                 _ = full_tick.tick() => self.full_pending = true,
                 _ = loss_tick.tick(), if probes.is_some() => self.check_counters(&probes),

@@ -77,6 +77,16 @@ pub static RESOURCES: &[ResourceType] = &[
         status_subresource: true,
     },
     ResourceType {
+        group: "",
+        version: "v1",
+        plural: "services",
+        singular: "service",
+        kind: "Service",
+        namespaced: true,
+        short_names: &["svc"],
+        status_subresource: true,
+    },
+    ResourceType {
         group: "events.k8s.io",
         version: "v1",
         plural: "events",
