@@ -13,6 +13,7 @@
 //! +N`, which rounds down to whole days and so means "N+1 days").
 //!
 //! Scale with `BENCH_LOGS_FILES` (default 1000000).
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "a benchmark: a failure ends it")]
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, FileTimes};

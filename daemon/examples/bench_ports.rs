@@ -7,6 +7,7 @@
 //!    Go daemon's bind-probe of the six default PolarDB ranges.
 //! 2. bind() -> visible in the HTTP watch stream, p50/p99, daemon running.
 //! 3. The daemon's idle CPU and RSS.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "a benchmark: a failure ends it")]
 use std::{
     io::{BufRead, BufReader, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},

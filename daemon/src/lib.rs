@@ -18,16 +18,19 @@
 //!
 //! [`run`] wires them: it starts every source, then the sinks, and stops
 //! everything on SIGTERM or SIGINT.
+// Public only where the binary, the benchmarks (examples/) and the
+// integration tests (tests/) need to reach in; the rest is the crate's own,
+// so the compiler reports what nothing uses.
 pub mod config;
-pub mod engines;
+mod engines;
 pub mod http;
-pub mod kube;
+mod kube;
 pub mod logs;
-pub mod network;
+mod network;
 pub mod ports;
-pub mod retry;
+mod retry;
 pub mod telemetry;
-pub mod time;
+mod time;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 

@@ -32,11 +32,6 @@ impl Backoff {
         d
     }
 
-    /// The next attempt's instant, from now.
-    pub fn next_at(&mut self) -> Instant {
-        Instant::now() + self.next_wait()
-    }
-
     /// A success: the next failure starts again from `first`.
     pub fn reset(&mut self) {
         self.attempt = 0;

@@ -1,4 +1,5 @@
 //! The log-sweep HTTP routes, driven in-process.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failure is the test failing")]
 
 // Wrapped in `mod logs` so `cargo test ... logs` selects these tests.
 mod logs {

@@ -4,6 +4,7 @@
 //! snapshots every path below the temp dir (the root *and* an "outside"
 //! sibling that must never be touched), sweeps, and compares the snapshot
 //! with exactly what should have gone.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failure is the test failing")]
 
 // Wrapped in `mod logs` so `cargo test ... logs` selects these tests.
 mod logs {

@@ -2,7 +2,8 @@
 //! two commands work on a fresh Debian 12 machine:
 //!
 //!   cargo xtask run [-- DAEMON FLAGS]   set up, build, run the daemon standalone
-//!   cargo xtask test [-- TEST ARGS]     set up, build, run every test
+//!   cargo xtask test [--host-only] [-- TEST ARGS]
+//!                                       set up, build, run every test (this kernel, then the VMs)
 //!   cargo xtask build-ebpf              build the eBPF object only
 //!   cargo xtask setup                   install the toolchain and mounts only
 //!   cargo xtask bench ports             port benchmarks (see daemon/examples)
@@ -61,7 +62,7 @@ fn main() {
         "setup" => setup(),
         "build-ebpf" => build_ebpf(),
         "run" => run(&passthrough),
-        "test" => test(&passthrough),
+        "test" => test(rest),
         "bench" => bench(rest.first().map(String::as_str).unwrap_or("ports")),
         "fake-apiserver" => fake_apiserver(&passthrough),
         "image" => image(rest),
@@ -69,8 +70,8 @@ fn main() {
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n  run [-- FLAGS]    set up, build and run the daemon standalone on this host\n  \
-                 test [-- ARGS]    set up, build and run every test\n  build-ebpf        build {OBJECT}\n  \
-                 setup             install the eBPF toolchain, test tools, and mount tracefs\n  bench ports|logs|kube  benchmarks\n  fake-apiserver    serve the tests' fake Kubernetes API server (-- --help)\n  \
+                 test [--host-only] [-- ARGS]  set up, build and run every test (this kernel, then Debian kernels in VMs)\n  build-ebpf        build {OBJECT}\n  \
+                 setup             install the eBPF toolchain and test tools, mount bpffs\n  bench ports|logs|kube  benchmarks\n  fake-apiserver    serve the tests' fake Kubernetes API server (-- --help)\n  \
                  image [--binary PATH] [--tag NAME] [--no-save]  build the offline image into the local dockerd\n  \
                  vm-test [--kernel 5.10|6.1|6.12|all] [--timeout SECS] [-- ARGS]  the port tests on Debian's kernels in QEMU"
             );
@@ -158,8 +159,7 @@ fn setup() -> Result<()> {
         )?;
     }
     if is_root() {
-        mount_if_missing("tracefs", "/sys/kernel/tracing", "/sys/kernel/tracing/events")?;
-        mount_if_missing("bpf", "/sys/fs/bpf", "/sys/fs/bpf/.")?;
+        mount_if_missing("bpf", "/sys/fs/bpf")?;
     }
     deploy_tools()
 }
@@ -225,12 +225,13 @@ fn deploy_tools() -> Result<()> {
     Ok(())
 }
 
-/// The tracepoint needs tracefs; bpffs is for tools that pin (bpftool).
-fn mount_if_missing(fstype: &str, dir: &str, probe: &str) -> Result<()> {
+/// bpffs is for tools that look at what is loaded (bpftool); the daemon pins
+/// nothing.
+fn mount_if_missing(fstype: &str, dir: &str) -> Result<()> {
     let mounted = std::fs::read_to_string("/proc/self/mounts")
         .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some(dir)))
         .unwrap_or(false);
-    if mounted || (fstype == "tracefs" && Path::new(probe).exists()) {
+    if mounted {
         return Ok(());
     }
     std::fs::create_dir_all(dir).ok();
@@ -342,7 +343,13 @@ fn run(flags: &[String]) -> Result<()> {
     exit(st.code().unwrap_or(0));
 }
 
+/// Every test: the workspace's on this kernel, then the whole-system port
+/// tests on Debian's 5.10, 6.1 and 6.12 kernels in VMs (`vm-test`).
+/// `--host-only` skips the VMs (a quicker loop while developing); arguments
+/// after `--` go to the test harness (a name filter) in both.
 fn test(args: &[String]) -> Result<()> {
+    let host_only = args.iter().take_while(|a| *a != "--").any(|a| a == "--host-only");
+    let passthrough: Vec<String> = args.iter().skip_while(|a| *a != "--").skip(1).cloned().collect();
     setup()?;
     build_ebpf()?;
     // The whole-system tests start the real binary: build it first and tell
@@ -353,11 +360,20 @@ fn test(args: &[String]) -> Result<()> {
         cargo()
             .args(["test", "--workspace"])
             .arg("--")
-            .args(args)
+            .args(&passthrough)
             .env("POLARSTACK_DAEMON_BIN", bin)
             .env("DEPLOY_TOOLS", root().join(DEPLOY_TOOLS))
             .env("XTASK_BIN", env::current_exe().unwrap_or_default()),
-    )
+    )?;
+    if host_only {
+        return Ok(());
+    }
+    let mut vm_args = vec!["--kernel".to_string(), "all".to_string()];
+    if !passthrough.is_empty() {
+        vm_args.push("--".into());
+        vm_args.extend(passthrough);
+    }
+    vm::vm_test(&vm_args)
 }
 
 /// The offline container image: a minimal root filesystem (the daemon

@@ -278,16 +278,18 @@ fn write_guest_script(bins: &[TestBin], test_args: &[String]) -> Result<PathBuf>
     let mut s = String::from(
         "#!/bin/bash\n\
          # Written by `cargo xtask vm-test`; runs inside the guest (as root).\n\
-         # The daemon's programs need bpffs, tracefs (the tracepoint) and\n\
-         # cgroup v2 (its cgroup programs attach to the root cgroup).\n\
+         # The daemon's cgroup programs attach to the root of cgroup v2;\n\
+         # bpffs is for tools (bpftool) that look at what is loaded.\n\
          mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf\n\
-         [ -d /sys/kernel/tracing/events ] || mount -t tracefs tracefs /sys/kernel/tracing\n\
          [ \"$(stat -f -c %T /sys/fs/cgroup 2>/dev/null)\" = cgroup2fs ] || mount -t cgroup2 none /sys/fs/cgroup\n\
          echo \"VMTEST-KERNEL $(uname -r)\"\n\
          export CI=true RUST_BACKTRACE=1\n",
     );
     s += &format!("export POLARSTACK_DAEMON_BIN={}\n", sh_quote(&daemon.to_string_lossy()));
     s += &format!("export DEPLOY_TOOLS={}\n", sh_quote(&root.join(DEPLOY_TOOLS).to_string_lossy()));
+    if let Ok(extra) = std::env::var("POLARSTACK_TEST_DAEMON_ARGS") {
+        s += &format!("export POLARSTACK_TEST_DAEMON_ARGS={}\n", sh_quote(&extra));
+    }
     s += "rc=0\n";
     for b in bins {
         // Two vCPUs under TCG: one test at a time keeps timings sane.

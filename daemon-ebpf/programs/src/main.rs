@@ -237,10 +237,10 @@ fn post_bind<const V6: bool>(ctx: &SockContext) -> i32 {
     };
     e.kind = EventKind::Bind as u8;
     // SAFETY: the value is copied out before the entry is removed.
-    if let Some(r) = unsafe { REUSE.get(&e.sock_cookie) } {
+    if let Some(r) = unsafe { REUSE.get(e.sock_cookie) } {
         e.reuse = *r;
     }
-    let _ = REUSE.remove(&e.sock_cookie);
+    let _ = REUSE.remove(e.sock_cookie);
     // SAFETY: the kernel passes a valid bpf_sock for cgroup_sock programs.
     let sk = unsafe { &*ctx.sock };
     e.port = sk.src_port as u16; // host byte order in bpf_sock
@@ -281,10 +281,10 @@ pub fn sock_release(ctx: SockContext) -> i32 {
     // SAFETY: ctx is valid for the helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(t) = (unsafe { TRACKED.get(&cookie) }).copied() else {
+    let Some(t) = (unsafe { TRACKED.get(cookie) }).copied() else {
         return 1; // never held a port we reported: nothing to say
     };
-    let _ = TRACKED.remove(&cookie);
+    let _ = TRACKED.remove(cookie);
     let mut e = PortEvent::ZERO;
     e.kind = EventKind::Release as u8;
     e.sock_cookie = cookie;

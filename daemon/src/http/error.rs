@@ -16,8 +16,6 @@ pub enum ApiError {
     UnknownParam { name: String, accepted: String },
     #[error("parameter `{0}` given more than once")]
     DuplicateParam(String),
-    #[error("malformed query string: {0}")]
-    BadQuery(String),
     #[error("no such endpoint: {0}")]
     NotFound(String),
     #[error("{0}")]

@@ -99,7 +99,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-#[allow(clippy::result_large_err)]
+#[allow(clippy::result_large_err, reason = "the error is the response itself, built once per refused request")]
 fn authorize(policy: &HttpSweepPolicy, headers: &HeaderMap) -> Result<(), Response> {
     if !policy.allow_real_sweeps {
         return Err(error(

@@ -1,10 +1,10 @@
 //! The HTTP sink: health, readiness, metrics and the native v2 API, served by
 //! axum on `--port`. Handlers only read domain state; they never write it.
-pub mod compat;
-pub mod error;
+mod compat;
+mod error;
 pub mod logs;
-pub mod ports;
-pub mod query;
+mod ports;
+mod query;
 
 use std::net::SocketAddr;
 

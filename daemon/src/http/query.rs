@@ -37,10 +37,6 @@ impl Params {
             .transpose()
     }
 
-    pub fn req<T: FromStr>(&self, name: &'static str, expected: &str) -> Result<T, ApiError> {
-        self.opt(name, expected)?.ok_or(ApiError::MissingParam(name))
-    }
-
     /// A port number, 1 to 65535.
     pub fn port(&self, name: &'static str) -> Result<Option<u16>, ApiError> {
         let p: Option<u16> = self.opt(name, "a port number from 1 to 65535")?;
@@ -67,6 +63,5 @@ mod tests {
         assert!(matches!(p.port("a"), Err(ApiError::BadParam { param: "a", .. })));
         assert!(matches!(p.port("b"), Err(ApiError::BadParam { param: "b", .. })));
         assert_eq!(p.opt::<String>("c", "text").ok().flatten().as_deref(), Some("A"));
-        assert!(matches!(p.req::<u16>("d", "n"), Err(ApiError::MissingParam("d"))));
     }
 }

@@ -14,7 +14,7 @@ use std::{
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use prometheus_client::encoding::DescriptorEncoder;
 
-use crate::telemetry::{counter_by, gauge_by, sum_count};
+use crate::telemetry::{counter_by, gauge, gauge_by, sum_count};
 
 /// How the daemon reaches Kubernetes, decided from flags and environment the
 /// way the original's `clientcmd.BuildConfigFromFlags` did, minus its
@@ -151,6 +151,8 @@ pub struct ApiMetrics {
     watch_errors: Mutex<BTreeMap<&'static str, u64>>,
     /// Objects that differ from what should be published, by name.
     pending: Mutex<BTreeMap<&'static str, bool>>,
+    /// Taken ports the port-usage ConfigMap had no room for (1 MiB).
+    port_usage_overflow: AtomicU64,
 }
 
 impl ApiMetrics {
@@ -173,6 +175,11 @@ impl ApiMetrics {
     /// what the daemon wants to publish.
     pub fn set_pending(&self, object: &'static str, pending: bool) {
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(object, pending);
+    }
+
+    /// How many taken ports did not fit in the port-usage ConfigMap.
+    pub fn set_port_usage_overflow(&self, ports: usize) {
+        self.port_usage_overflow.store(ports as u64, Ordering::Relaxed);
     }
 
     pub fn watch_error(&self, resource: &'static str) {
@@ -211,6 +218,12 @@ impl ApiMetrics {
             "Time spent in successful Kubernetes writes.",
             self.write_seconds_sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
             self.write_count.load(Ordering::Relaxed),
+        )?;
+        gauge(
+            e,
+            "polarstack_kube_port_usage_overflow_ports",
+            "Taken ports in the watched ranges that did not fit in the port-usage ConfigMap (1 MiB): the operator could hand them out.",
+            self.port_usage_overflow.load(Ordering::Relaxed),
         )?;
         let m = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         let pending = ["port_usage", "node_status", "availability"]

@@ -174,6 +174,7 @@ impl Publisher {
                 want.extend(published.iter().flatten().copied().filter(|&p| settings.ranges.contains(p)));
             }
             let (want, overflow) = fit(want);
+            self.metrics.set_port_usage_overflow(overflow);
             if overflow > 0 {
                 tracing::error!(
                     configmap = %name,

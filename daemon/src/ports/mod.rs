@@ -26,17 +26,17 @@
 //! running kernel hides is stated as a blind spot, never answered as certain.
 #[cfg(feature = "ebpf")]
 mod btf;
-pub mod cgroup;
+mod cgroup;
 mod clock;
 #[cfg(feature = "ebpf")]
-pub mod ebpf;
+mod ebpf;
 mod events;
 mod iter;
-pub mod kernel;
+mod kernel;
 pub mod map;
-pub mod metrics;
+mod metrics;
 pub mod model;
-pub mod occupancy;
+pub(crate) mod occupancy;
 pub mod sockdiag;
 mod tracker;
 
