@@ -29,6 +29,7 @@ pub mod logs;
 mod network;
 pub mod ports;
 mod retry;
+mod tasks;
 pub mod telemetry;
 mod time;
 

@@ -16,14 +16,15 @@
 //!
 //! Layout: [`client`] (which cluster, the client, metrics), [`mirror`] (a
 //! watched set of objects), [`settings`] (the three input ConfigMaps),
-//! [`ranges`] (port-range annotations), [`pods`] (hostPorts on this node,
-//! live instance ids), [`services`] (allocated nodePorts), [`owned`]
+//! [`ranges`] (port-range annotations), [`pods`] (hostPorts on this node),
+//! [`instances`] (live instance ids), [`services`] (allocated nodePorts), [`owned`]
 //! (writing a node-owned ConfigMap),
 //! [`port_usage`] (the port-usage ConfigMap), [`node_status`] (the
 //! node-condition writer), [`engines`] (version ConfigMaps in, availability
 //! out, the cluster-wide rescan bus).
 pub mod client;
 pub mod engines;
+pub mod instances;
 pub mod mirror;
 pub mod node_status;
 pub mod owned;
@@ -46,7 +47,7 @@ use self::{
     engines::RescanBus,
     node_status::NodeStatusState,
     owned::NodeOwned,
-    pods::LiveInsIds,
+    instances::LiveInsIds,
     port_usage::{PublishState, Timing},
     settings::Settings,
 };
