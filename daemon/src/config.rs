@@ -148,6 +148,11 @@ pub struct Flags {
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
 
+    /// Test hook: makes the named supervised task panic once, a second after
+    /// it starts, to exercise the supervision (docs/operations.md).
+    #[arg(long, hide = true, value_name = "TASK")]
+    pub fail_task: Option<String>,
+
     // Flags of the original that did nothing. Accepted so an unchanged
     // DaemonSet starts; each one given is logged once at start-up.
     #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
@@ -289,6 +294,9 @@ pub struct DurationError {
 /// units ms, s, m, h, d (`500ms`, `90s`, `1h30m`). A bare number is refused:
 /// the original daemon's flags meant seconds in some places and days in
 /// others, so a unit is always required. Periods must be positive.
+/// The longest duration a flag takes.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
 pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
     let bad = |why| DurationError { input: input.to_owned(), why };
     let mut rest = input.trim();
@@ -319,6 +327,11 @@ pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
     }
     if total.is_zero() {
         return Err(bad("a duration must be positive"));
+    }
+    // Timers add durations to the clock: an absurd one would overflow there,
+    // inside a task, long after start. No setting of this daemon needs more.
+    if total > MAX_DURATION {
+        return Err(bad("too large (at most 365d)"));
     }
     Ok(total)
 }
@@ -396,7 +409,20 @@ mod tests {
         assert_eq!(parse_duration("6h"), Ok(Duration::from_secs(21600)));
         assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86400)));
-        for bad in ["7", "h", "", "0s", "5 parsecs", "1x", "-1s", "99999999999999999999s", "99999999999999999d"] {
+        assert_eq!(parse_duration("365d"), Ok(Duration::from_secs(365 * 86400)));
+        for bad in [
+            "7",
+            "h",
+            "",
+            "0s",
+            "5 parsecs",
+            "1x",
+            "-1s",
+            "99999999999999999999s",
+            "99999999999999999d",
+            "366d",
+            "9000000000h",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

@@ -14,7 +14,8 @@
 //!   availability ConfigMaps, Node conditions); absent in standalone mode.
 //! - [`http`]: the HTTP sink (health, readiness, metrics, the native API).
 //! - [`config`]: flags, including the original daemon's; [`telemetry`]: logs
-//!   and the metrics text writer; [`time`]: timestamp layouts.
+//!   and the metrics text writer; [`time`]: timestamp layouts; [`tasks`]: the
+//!   supervisor every long-running task is started by; [`retry`]: backoff.
 //!
 //! [`run`] wires them: it starts every source, then the sinks, and stops
 //! everything on SIGTERM or SIGINT.
@@ -64,21 +65,22 @@ pub async fn run(flags: config::Flags) -> Result<(), RunError> {
         tracing::warn!(flag, "accepted for compatibility with the original daemon; it has no effect");
     }
     let shutdown = CancellationToken::new();
+    let tasks = tasks::Tasks::new(shutdown.clone(), flags.fail_task.clone());
     // Inputs.
-    let cluster = kube::connect(flags.cluster_config(), shutdown.clone()).await?;
+    let cluster = kube::connect(flags.cluster_config(), &tasks).await?;
     if cluster.is_none() {
         tracing::info!("no cluster configured: running standalone (every source, HTTP API, no Kubernetes)");
     }
     // Domains.
     let claims = cluster.as_ref().map(kube::Cluster::claim_inputs).unwrap_or_default();
-    let ports = ports::start(flags.ports_config(), claims, shutdown.clone())?;
+    let ports = ports::start(flags.ports_config(), claims, &tasks)?;
     let nic = match &cluster {
-        Some(c) => c.nic_config(flags.nic_config()),
+        Some(c) => c.nic_config(flags.nic_config(), &tasks),
         None => watch::channel(Some(flags.nic_config())).1,
     };
-    let network = network::spawn(nic, shutdown.clone())?;
+    let network = network::spawn(nic, &tasks)?;
     let versions = cluster.as_ref().map_or_else(|| watch::channel(Vec::new()).1, |c| c.versions.clone());
-    let engines = engines::spawn(flags.engines_config()?, versions, shutdown.clone());
+    let engines = engines::spawn(flags.engines_config()?, versions, &tasks);
     // Without a cluster nobody can say which instances are live: rule 1 of
     // the sweeps (instance folders) stays off; rules 2 and 3 run.
     let owners: Arc<dyn logs::LiveInstances> = match &cluster {
@@ -88,7 +90,7 @@ pub async fn run(flags: config::Flags) -> Result<(), RunError> {
     let sweeps = logs::spawn(flags.logs.clone(), owners, shutdown.clone())?;
     // Sinks.
     let kube = cluster.map(|c| {
-        let publishing = c.publish(&ports, network.clone(), &engines, shutdown.clone());
+        let publishing = c.publish(&ports, network.clone(), &engines, &tasks);
         (c, publishing)
     });
     let addr = SocketAddr::new(flags.listen_address, flags.port);
@@ -99,6 +101,7 @@ pub async fn run(flags: config::Flags) -> Result<(), RunError> {
         kube,
         logs: sweeps,
         sweep_policy: http::logs::HttpSweepPolicy::from_args(&flags.logs),
+        tasks,
         shutdown: shutdown.clone(),
     };
     let mut server = tokio::spawn(http::serve(addr, state));

@@ -28,7 +28,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::retry::Backoff;
+use crate::{retry::Backoff, tasks::Tasks};
 
 /// Safety net against lost multicast events: a dump of one NIC costs microseconds.
 const RESYNC: Duration = Duration::from_secs(30);
@@ -222,72 +222,100 @@ pub enum NetworkError {
 }
 
 /// Starts the owner task. `nic` may change at any time (ccm-config); while
-/// it is None (the cluster's settings not read yet) no NIC is watched.
+/// it is None (the cluster's settings not read yet) no NIC is watched. The
+/// task is restartable: its state is the kernel's, dumped again on start.
 pub fn spawn(
-    mut nic: watch::Receiver<Option<NicConfig>>,
-    shutdown: CancellationToken,
+    nic: watch::Receiver<Option<NicConfig>>,
+    tasks: &Tasks,
 ) -> Result<watch::Receiver<NetworkState>, NetworkError> {
-    let (mut handle, mut events) = connect().map_err(NetworkError::Socket)?;
-    let first = nic.borrow_and_update().clone();
-    let (tx, rx) = watch::channel(NetworkState::unknown(first.as_ref()));
-    tokio::spawn(async move {
-        let mut cfg = first;
-        let mut resync = tokio::time::interval(RESYNC);
-        // Standalone, the NIC comes from flags and never changes.
-        let mut nic_open = true;
-        let mut reconnect = Backoff::with(Duration::from_millis(500), RESYNC);
-        loop {
-            let state = match &cfg {
-                Some(c) => dump(&handle, c).await,
-                None => NetworkState::unknown(None),
-            };
-            tx.send_if_modified(|cur| {
-                let same = NetworkState { last_change: cur.last_change, ..state.clone() } == *cur;
-                if !same {
-                    if state.client_ip_note.is_some() && state.client_ip_note != cur.client_ip_note {
-                        tracing::warn!(nic = ?state.nic, note = ?state.client_ip_note, "client IP not chosen by NET_MASK");
-                    }
-                    *cur = NetworkState { last_change: Some(SystemTime::now()), ..state.clone() };
-                    tracing::info!(nic = ?cur.nic, state = cur.state.reason(), client_ip = ?cur.client_ip, "client network changed");
-                }
-                !same
-            });
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = resync.tick() => {}
-                r = nic.changed(), if nic_open => match r {
-                    Ok(()) => cfg = nic.borrow_and_update().clone(),
-                    Err(_) => nic_open = false,
-                },
-                ev = events.next() => match ev {
-                    None => {
-                        // The netlink connection failed: open a new one (the
-                        // resync timer keeps the state honest meanwhile).
-                        let wait = reconnect.next_wait();
-                        tracing::warn!(retry_in = ?wait, "rtnetlink event stream ended; reconnecting");
-                        tokio::select! {
-                            () = shutdown.cancelled() => return,
-                            () = tokio::time::sleep(wait) => {}
-                        }
-                        match connect() {
-                            Ok((h, e)) => {
-                                (handle, events) = (h, e);
-                                reconnect.reset();
-                            }
-                            Err(e) => tracing::warn!(error = %e, "rtnetlink reconnect failed"),
-                        }
-                    }
-                    Some((msg, _)) if !is_link_or_address(&msg.payload) => continue,
-                    Some(_) => {
-                        // Let the burst finish, then drain it: one dump serves all.
-                        tokio::time::sleep(SETTLE).await;
-                        while events.try_recv().is_ok() {}
-                    }
-                },
-            }
-        }
-    });
+    // The first connection is opened here, so a daemon that cannot open
+    // rtnetlink at all says so at start.
+    let mut first = Some(connect().map_err(NetworkError::Socket)?);
+    let (tx, rx) = watch::channel(NetworkState::unknown(nic.borrow().as_ref()));
+    let shutdown = tasks.shutdown();
+    tasks.restartable("network", move || follow(first.take(), nic.clone(), tx.clone(), shutdown.clone()));
     Ok(rx)
+}
+
+/// Follows the NIC until shutdown: a dump at start, on every link or address
+/// event (a burst costs one), on every change of `nic`, and every `RESYNC`.
+async fn follow(
+    conn: Option<(Handle, Events)>,
+    mut nic: watch::Receiver<Option<NicConfig>>,
+    tx: watch::Sender<NetworkState>,
+    shutdown: CancellationToken,
+) {
+    let mut reconnect = Backoff::with(Duration::from_millis(500), RESYNC);
+    let (mut handle, mut events) = match conn {
+        Some(c) => c,
+        None => loop {
+            match connect() {
+                Ok(c) => break c,
+                Err(e) => {
+                    let wait = reconnect.next_wait();
+                    tracing::warn!(error = %e, retry_in = ?wait, "opening rtnetlink failed");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        },
+    };
+    let mut cfg = nic.borrow_and_update().clone();
+    let mut resync = tokio::time::interval(RESYNC);
+    // Standalone, the NIC comes from flags and never changes.
+    let mut nic_open = true;
+    loop {
+        let state = match &cfg {
+            Some(c) => dump(&handle, c).await,
+            None => NetworkState::unknown(None),
+        };
+        tx.send_if_modified(|cur| {
+            let same = NetworkState { last_change: cur.last_change, ..state.clone() } == *cur;
+            if !same {
+                if state.client_ip_note.is_some() && state.client_ip_note != cur.client_ip_note {
+                    tracing::warn!(nic = ?state.nic, note = ?state.client_ip_note, "client IP not chosen by NET_MASK");
+                }
+                *cur = NetworkState { last_change: Some(SystemTime::now()), ..state.clone() };
+                tracing::info!(nic = ?cur.nic, state = cur.state.reason(), client_ip = ?cur.client_ip, "client network changed");
+            }
+            !same
+        });
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = resync.tick() => {}
+            r = nic.changed(), if nic_open => match r {
+                Ok(()) => cfg = nic.borrow_and_update().clone(),
+                Err(_) => nic_open = false,
+            },
+            ev = events.next() => match ev {
+                None => {
+                    // The netlink connection failed: open a new one (the
+                    // resync timer keeps the state honest meanwhile).
+                    let wait = reconnect.next_wait();
+                    tracing::warn!(retry_in = ?wait, "rtnetlink event stream ended; reconnecting");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                    match connect() {
+                        Ok((h, e)) => {
+                            (handle, events) = (h, e);
+                            reconnect.reset();
+                        }
+                        Err(e) => tracing::warn!(error = %e, "rtnetlink reconnect failed"),
+                    }
+                }
+                Some((msg, _)) if !is_link_or_address(&msg.payload) => continue,
+                Some(_) => {
+                    // Let the burst finish, then drain it: one dump serves all.
+                    tokio::time::sleep(SETTLE).await;
+                    while events.try_recv().is_ok() {}
+                }
+            },
+        }
+    }
 }
 
 type Events = futures_channel::mpsc::UnboundedReceiver<(

@@ -87,9 +87,7 @@ const FAIL_AFTER: Duration = Duration::from_secs(1);
 impl Tasks {
     /// `fail_task` is the test hook (`--fail-task`).
     pub fn new(shutdown: CancellationToken, fail_task: Option<String>) -> Self {
-        Self {
-            inner: Arc::new(Inner { shutdown, table: Mutex::new(BTreeMap::new()), fail: Mutex::new(fail_task) }),
-        }
+        Self { inner: Arc::new(Inner { shutdown, table: Mutex::new(BTreeMap::new()), fail: Mutex::new(fail_task) }) }
     }
 
     /// Cancelled at shutdown; every task watches it.

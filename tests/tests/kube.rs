@@ -108,7 +108,18 @@ fn host_ports_and_live_settings_apply_without_restart() {
         // Bad range values are skipped with a warning; the good ones still apply.
         set_ranges(&api, &[("bad", "20045-20040"), ("worse", "0-99999"), ("good", "20040")]);
         wait_keys(&api, &mut d, NODE, &[20040]);
-        assert!(d.log_text().contains("skipping a port range"), "{}", d.log_text());
+        assert!(d.log_text().contains("skipping this port range"), "{}", d.log_text());
+
+        // A value that is not a boolean means the default, said once however
+        // often the ConfigMap changes.
+        for n in 0..3 {
+            api.put(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "controller-config", "namespace": NS},
+                "data": {"enablePrintPort": "maybe", "isCheckOObIP": "false", "unrelated": n.to_string()}}));
+            thread::sleep(Duration::from_millis(300));
+        }
+        assert!(wait_for(SOON, || d.log_text().contains("not a boolean")), "{}", d.log_text());
+        assert_eq!(d.log_text().matches("not a boolean").count(), 1, "one warning per bad value");
+        assert_eq!(d.get_ok("/api/v2/kubernetes")["settings"]["enable_print_port"], true);
     });
 }
 

@@ -19,6 +19,7 @@ use std::{
     collections::BTreeSet,
     fmt,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -33,7 +34,10 @@ use self::{
     runtime::{CriRuntime, DockerEndpoint, DockerRuntime, ImageRuntime, RuntimeError},
     versions::EngineVersion,
 };
-use crate::telemetry::{counter, gauge_by};
+use crate::{
+    tasks::Tasks,
+    telemetry::{counter, gauge_by},
+};
 
 /// How long a scan request waits for others to join it.
 const GATHER: Duration = Duration::from_millis(50);
@@ -167,31 +171,19 @@ struct Runtime {
     ever_up: bool,
 }
 
-/// Starts the owner task. `versions` is fed by the cluster side (empty when standalone).
-pub fn spawn(
-    cfg: EnginesConfig,
-    versions: watch::Receiver<Vec<EngineVersion>>,
-    shutdown: CancellationToken,
-) -> Engines {
+/// Starts the owner task. `versions` is fed by the cluster side (empty when
+/// standalone). The task is restartable: a new owner lists every runtime
+/// again, continuing the published counters.
+pub fn spawn(cfg: EnginesConfig, versions: watch::Receiver<Vec<EngineVersion>>, tasks: &Tasks) -> Engines {
     let (tx, state) = watch::channel(EngineState::default());
     let (requests, rx) = mpsc::unbounded_channel();
-    let mut runtimes: Vec<Runtime> = vec![Runtime {
-        rt: Box::new(DockerRuntime::new(cfg.docker.clone())),
-        // Absent until listed, as a runtime whose socket is missing.
-        images: Err(RuntimeError::NoSocket(DockerRuntime::new(cfg.docker.clone()).socket().clone())),
-        last_list: None,
-        ever_up: false,
-    }];
-    for s in &cfg.cri_sockets {
-        runtimes.push(Runtime {
-            rt: Box::new(CriRuntime::new(s.clone())),
-            images: Err(RuntimeError::NoSocket(s.clone())),
-            last_list: None,
-            ever_up: false,
-        });
-    }
-    let owner = Owner { runtimes, versions, state: tx, scans: 0, requested: 0, last_check: None };
-    tokio::spawn(owner.run(rx, cfg, shutdown));
+    // Requests outlive an owner that ends: the next one answers them.
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let shutdown = tasks.shutdown();
+    tasks.restartable("engines", move || {
+        let owner = Owner::new(&cfg, versions.clone(), tx.clone());
+        owner.run(rx.clone(), cfg.clone(), shutdown.clone())
+    });
     Engines { state, requests }
 }
 
@@ -205,14 +197,40 @@ struct Owner {
 }
 
 impl Owner {
+    fn new(
+        cfg: &EnginesConfig,
+        versions: watch::Receiver<Vec<EngineVersion>>,
+        state: watch::Sender<EngineState>,
+    ) -> Self {
+        let docker = DockerRuntime::new(cfg.docker.clone());
+        // Absent until listed, as a runtime whose socket is missing.
+        let absent = Err(RuntimeError::NoSocket(docker.socket().clone()));
+        let mut runtimes = vec![Runtime { rt: Box::new(docker), images: absent, last_list: None, ever_up: false }];
+        for s in &cfg.cri_sockets {
+            runtimes.push(Runtime {
+                rt: Box::new(CriRuntime::new(s.clone())),
+                images: Err(RuntimeError::NoSocket(s.clone())),
+                last_list: None,
+                ever_up: false,
+            });
+        }
+        let (scans, requested, last_check) = {
+            let st = state.borrow();
+            (st.scans, st.requested_scans, st.last_check)
+        };
+        Self { runtimes, versions, state, scans, requested, last_check }
+    }
+
     async fn run(
         mut self,
-        mut requests: mpsc::UnboundedReceiver<ScanRequest>,
+        requests: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<ScanRequest>>>,
         cfg: EnginesConfig,
         shutdown: CancellationToken,
     ) {
+        let mut requests = requests.lock().await;
         let (docker_events_tx, mut docker_events) = mpsc::channel::<()>(1);
-        tokio::spawn(docker_events_task(cfg.docker.clone(), docker_events_tx, shutdown.clone()));
+        let events_task = docker_events_task(cfg.docker.clone(), docker_events_tx, shutdown.clone());
+        tokio::pin!(events_task);
         let mut poll = tokio::time::interval(cfg.cri_poll);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Standalone, no versions ever come: the sender is gone from the start.
@@ -221,6 +239,7 @@ impl Owner {
             let mut answered = Vec::new();
             tokio::select! {
                 () = shutdown.cancelled() => return,
+                () = &mut events_task => return, // ends only at shutdown
                 _ = poll.tick() => {}
                 Some(()) = docker_events.recv() => {}
                 r = self.versions.changed(), if versions_open => {
@@ -244,6 +263,7 @@ impl Owner {
             while let Ok(r) = requests.try_recv() {
                 answered.push(r);
             }
+            // Docker's events wait in their stream meanwhile.
             self.scan().await;
             self.publish(!answered.is_empty());
             for r in answered {

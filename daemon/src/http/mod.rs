@@ -26,6 +26,7 @@ use crate::{
     logs::SweepHandle,
     network::NetworkState,
     ports::Ports,
+    tasks::Tasks,
 };
 
 #[derive(Clone)]
@@ -37,6 +38,8 @@ pub struct AppState {
     pub kube: Option<(Cluster, Publishing)>,
     pub logs: SweepHandle,
     pub sweep_policy: logs::HttpSweepPolicy,
+    /// Every supervised task's health.
+    pub tasks: Tasks,
     pub shutdown: CancellationToken,
 }
 
@@ -64,9 +67,20 @@ pub async fn serve(addr: SocketAddr, state: AppState) -> std::io::Result<()> {
     axum::serve(listener, router(state)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
 }
 
-/// Process alive (compat: the original's body).
-async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({ "status": "ok" }))
+/// Alive: `{"status":"ok"}` (the original's body) while every core task
+/// runs; 503 naming the dead ones otherwise, so the kubelet restarts the pod.
+async fn healthz(State(st): State<AppState>) -> Response {
+    if st.tasks.healthy() {
+        return Json(json!({ "status": "ok" })).into_response();
+    }
+    let dead: Vec<&str> = st
+        .tasks
+        .snapshot()
+        .into_iter()
+        .filter(|(_, h)| h.state == crate::tasks::TaskState::Dead)
+        .map(|(name, _)| name)
+        .collect();
+    (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "failing", "dead_tasks": dead }))).into_response()
 }
 
 /// Ready once the first full dump is merged (and eBPF attached, or its
@@ -83,8 +97,9 @@ async fn readyz(State(st): State<AppState>) -> Response {
                    "port_usage_pending": usage.pending, "last_error": usage.last_error})
         },
     );
-    let body = json!({ "ready": status.ready, "ports": status, "kubernetes": kubernetes });
-    let code = if status.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let ready = status.ready && st.tasks.healthy();
+    let body = json!({ "ready": ready, "ports": status, "kubernetes": kubernetes, "tasks": st.tasks.snapshot() });
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(body)).into_response()
 }
 
@@ -92,9 +107,10 @@ async fn readyz(State(st): State<AppState>) -> Response {
 /// each encoding from the domain's own state (see [`crate::telemetry`]).
 async fn metrics(State(st): State<AppState>) -> Response {
     use crate::telemetry::{self, collector};
-    let AppState { ports, logs, engines, kube, .. } = st;
+    let AppState { ports, logs, engines, kube, tasks, .. } = st;
     let mut domains = vec![
         collector("build", telemetry::encode_build_info),
+        collector("tasks", move |e| tasks.encode_metrics(e)),
         Box::new(ports.metrics()),
         collector("logs", move |e| logs.encode_metrics(e)),
         collector("engines", move |e| engines.state.borrow().encode_metrics(e)),

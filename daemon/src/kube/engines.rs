@@ -20,7 +20,7 @@ use kube::{
     Api,
 };
 use serde_json::{json, Map, Value};
-use tokio::sync::{watch, Mutex};
+use tokio::sync::{watch, Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -35,6 +35,7 @@ use crate::{
         Availability, EngineState, Engines,
     },
     retry::Backoff,
+    tasks::Tasks,
     time::utc_seconds,
 };
 
@@ -53,45 +54,49 @@ pub fn spawn_versions(
     client: kube::Client,
     labels: &str,
     metrics: Arc<ApiMetrics>,
-    shutdown: CancellationToken,
+    tasks: &Tasks,
 ) -> (watch::Receiver<Vec<EngineVersion>>, watch::Receiver<bool>) {
     let (tx, rx) = watch::channel(Vec::new());
     let (synced_tx, synced) = watch::channel(false);
     let api: Api<ConfigMap> = Api::namespaced(client, NAMESPACE);
     let cfg = watcher::Config::default().labels(labels);
-    let mut warned: BTreeSet<(String, String)> = BTreeSet::new();
-    tokio::spawn(mirror::run(api, cfg, "configmaps/engine-versions", metrics, shutdown, move |view| {
-        let mut by_name: BTreeMap<String, EngineVersion> = BTreeMap::new();
-        for (key, cm) in view.objects {
-            let empty = BTreeMap::new();
-            match versions::parse(key, cm.data.as_ref().unwrap_or(&empty)) {
-                Ok(v) => match by_name.get(&v.name) {
-                    Some(first) => {
-                        if warned.insert((key.clone(), format!("duplicate {}", v.name))) {
-                            tracing::warn!(configmap = %key, version = %v.name, kept = %first.source, "engine version defined twice; keeping the first");
+    mirror::spawn(tasks, "configmaps/engine-versions", api, cfg, metrics, move || {
+        let (tx, synced_tx) = (tx.clone(), synced_tx.clone());
+        let mut warned: BTreeSet<(String, String)> = BTreeSet::new();
+        move |view| {
+            if !view.synced {
+                return; // a restarted watch: the versions stay as they were until it has listed
+            }
+            let mut by_name: BTreeMap<String, EngineVersion> = BTreeMap::new();
+            for (key, cm) in view.objects {
+                let empty = BTreeMap::new();
+                match versions::parse(key, cm.data.as_ref().unwrap_or(&empty)) {
+                    Ok(v) => match by_name.get(&v.name) {
+                        Some(first) => {
+                            if warned.insert((key.clone(), format!("duplicate {}", v.name))) {
+                                tracing::warn!(configmap = %key, version = %v.name, kept = %first.source, "engine version defined twice; keeping the first");
+                            }
                         }
-                    }
-                    None => {
-                        by_name.insert(v.name.clone(), v);
-                    }
-                },
-                Err(e) => {
-                    if warned.insert((key.clone(), e.to_string())) {
-                        tracing::warn!(configmap = %key, error = %e, "skipping an engine-version ConfigMap");
+                        None => {
+                            by_name.insert(v.name.clone(), v);
+                        }
+                    },
+                    Err(e) => {
+                        if warned.insert((key.clone(), e.to_string())) {
+                            tracing::warn!(configmap = %key, error = %e, "skipping an engine-version ConfigMap");
+                        }
                     }
                 }
             }
-        }
-        let next: Vec<EngineVersion> = by_name.into_values().collect();
-        tx.send_if_modified(|cur| {
-            let changed = *cur != next;
-            *cur = next;
-            changed
-        });
-        if view.synced {
+            let next: Vec<EngineVersion> = by_name.into_values().collect();
+            tx.send_if_modified(|cur| {
+                let changed = *cur != next;
+                *cur = next;
+                changed
+            });
             synced_tx.send_if_modified(|s| !std::mem::replace(s, true));
         }
-    }));
+    });
     (rx, synced)
 }
 
@@ -104,7 +109,8 @@ pub const RESCAN_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_s
 /// coalesce into at most one write per [`RESCAN_MIN_INTERVAL`].
 #[derive(Clone)]
 pub struct RescanBus {
-    ask: tokio::sync::mpsc::Sender<()>,
+    /// One stored permit: asks while a write is due ride along with it.
+    ask: Arc<Notify>,
     /// Writes made, for the HTTP API and tests.
     pub writes: watch::Receiver<u64>,
 }
@@ -112,8 +118,7 @@ pub struct RescanBus {
 impl RescanBus {
     /// Asks every daemon to rescan (soon: the write is coalesced).
     pub fn request(&self) {
-        // Full means a write is already due: this request rides along.
-        let _ = self.ask.try_send(());
+        self.ask.notify_one();
     }
 }
 
@@ -132,55 +137,76 @@ async fn write_request(
     Ok(())
 }
 
-/// Watches the bus and rescans here when another daemon asks; writes this
-/// daemon's own requests, coalesced.
-pub fn spawn_bus(
-    client: kube::Client,
-    engines: Engines,
-    metrics: Arc<ApiMetrics>,
-    shutdown: CancellationToken,
-) -> RescanBus {
+/// The bus's two tasks: one writes this daemon's requests, coalesced; one
+/// watches the bus and rescans here when another daemon asks.
+pub fn spawn_bus(client: kube::Client, engines: Engines, metrics: Arc<ApiMetrics>, tasks: &Tasks) -> RescanBus {
     let api: Api<ConfigMap> = Api::namespaced(client, NAMESPACE);
     let own: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
-    let (ask, mut asked) = tokio::sync::mpsc::channel::<()>(1);
+    let ask = Arc::new(Notify::new());
     let (writes_tx, writes) = watch::channel(0u64);
+    let shutdown = tasks.shutdown();
     {
-        let (api, metrics, own, shutdown) = (api.clone(), metrics.clone(), own.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let mut backoff = Backoff::new();
-            loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    r = asked.recv() => if r.is_none() { return },
-                }
-                loop {
-                    match write_request(&api, &metrics, &own).await {
-                        Ok(()) => {
-                            backoff.reset();
-                            writes_tx.send_modify(|n| *n += 1);
-                            break;
-                        }
-                        Err(e) => {
-                            let wait = backoff.next_wait();
-                            tracing::warn!(error = %e, retry_in = ?wait, "writing the rescan request failed");
-                            tokio::select! {
-                                () = shutdown.cancelled() => return,
-                                () = tokio::time::sleep(wait) => {}
-                            }
-                        }
-                    }
-                }
-                // Requests that come meanwhile wait for the next write.
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(RESCAN_MIN_INTERVAL) => {}
-                }
-            }
+        let (api, metrics, own, ask, shutdown) =
+            (api.clone(), metrics.clone(), own.clone(), ask.clone(), shutdown.clone());
+        tasks.restartable("rescan-bus/writer", move || {
+            write_requests(api.clone(), metrics.clone(), own.clone(), ask.clone(), writes_tx.clone(), shutdown.clone())
         });
     }
+    tasks.restartable("rescan-bus/watch", move || {
+        follow_requests(api.clone(), metrics.clone(), own.clone(), engines.clone(), shutdown.clone())
+    });
+    RescanBus { ask, writes }
+}
+
+async fn write_requests(
+    api: Api<ConfigMap>,
+    metrics: Arc<ApiMetrics>,
+    own: Arc<Mutex<Option<String>>>,
+    ask: Arc<Notify>,
+    writes: watch::Sender<u64>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = ask.notified() => {}
+        }
+        loop {
+            match write_request(&api, &metrics, &own).await {
+                Ok(()) => {
+                    backoff.reset();
+                    writes.send_modify(|n| *n += 1);
+                    break;
+                }
+                Err(e) => {
+                    let wait = backoff.next_wait();
+                    tracing::warn!(error = %e, retry_in = ?wait, "writing the rescan request failed");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+        // Requests that come meanwhile wait for the next write.
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(RESCAN_MIN_INTERVAL) => {}
+        }
+    }
+}
+
+async fn follow_requests(
+    api: Api<ConfigMap>,
+    metrics: Arc<ApiMetrics>,
+    own: Arc<Mutex<Option<String>>>,
+    engines: Engines,
+    shutdown: CancellationToken,
+) {
     let (seen_tx, mut seen) = watch::channel::<Option<Option<String>>>(None);
     let cfg = watcher::Config::default().fields(&format!("metadata.name={RESCAN_CONFIGMAP}"));
-    tokio::spawn(mirror::run(api, cfg, "configmaps/rescan", metrics, shutdown.clone(), move |view| {
+    let watch = mirror::run(api, cfg, "configmaps/rescan", metrics, shutdown.clone(), move |view| {
         if !view.synced {
             return;
         }
@@ -195,14 +221,13 @@ pub fn spawn_bus(
             *cur = next;
             changed
         });
-    }));
-    tokio::spawn(async move {
-        // The value present at start is history, not a request.
+    });
+    let follow = async move {
+        // The value present at (re)start is history, not a request.
         let mut last: Option<Option<String>> = None;
         loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                r = seen.changed() => if r.is_err() { return },
+            if seen.changed().await.is_err() {
+                return;
             }
             let now = seen.borrow_and_update().clone();
             let Some(id) = now.clone() else { continue };
@@ -214,11 +239,16 @@ pub fn spawn_bus(
             tracing::info!(request = ?id, "cluster-wide engine rescan requested");
             let _ = engines.rescan().await;
         }
-    });
-    RescanBus { ask, writes }
+    };
+    tokio::select! {
+        () = watch => {}
+        () = follow => {}
+        () = shutdown.cancelled() => {}
+    }
 }
 
 /// Publishes the availability ConfigMap.
+#[derive(Clone)]
 pub struct AvailabilityPublisher {
     pub object: NodeOwned,
     pub state: watch::Receiver<EngineState>,

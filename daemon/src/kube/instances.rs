@@ -44,4 +44,3 @@ impl LiveInstances for LiveInsIds {
         self.ids.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or(LiveInstancesError::NotSynced)
     }
 }
-

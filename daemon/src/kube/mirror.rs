@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 use super::client::ApiMetrics;
+use crate::tasks::Tasks;
 
 /// What the callback sees: the objects by `namespace/name`, whether a full
 /// list has arrived, and whether the watch is currently working.
@@ -43,6 +44,26 @@ fn forbidden(e: &watcher::Error) -> Option<String> {
         _ => return None,
     };
     (status.code == 403).then(|| format!("forbidden: {}", status.message))
+}
+
+/// Starts [`run`] as a restartable task named `resource`: a restart
+/// watches afresh (list, then watch), with a callback `make` builds anew.
+pub fn spawn<K, M, C>(
+    tasks: &Tasks,
+    resource: &'static str,
+    api: Api<K>,
+    config: watcher::Config,
+    metrics: Arc<ApiMetrics>,
+    mut make: M,
+) where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    M: FnMut() -> C + Send + 'static,
+    C: FnMut(View<'_, K>) + Send + 'static,
+{
+    let shutdown = tasks.shutdown();
+    tasks.restartable(resource, move || {
+        run(api.clone(), config.clone(), resource, metrics.clone(), shutdown.clone(), make())
+    });
 }
 
 /// Runs until `shutdown`. `resource` names the watch in logs and metrics.

@@ -40,14 +40,13 @@ use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use serde::Serialize;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 pub use self::client::{Access, ApiMetrics, ClientError};
 use self::{
     engines::RescanBus,
+    instances::LiveInsIds,
     node_status::NodeStatusState,
     owned::NodeOwned,
-    instances::LiveInsIds,
     port_usage::{PublishState, Timing},
     settings::Settings,
 };
@@ -58,6 +57,7 @@ use crate::{
         occupancy::{ClaimSet, ClaimSource},
         ClaimInputs, Ports,
     },
+    tasks::Tasks,
 };
 
 /// Everything the daemon reads and writes lives here (docs/compat.md).
@@ -186,7 +186,7 @@ pub fn is_object_name(n: &str) -> bool {
 /// Connects to the cluster and starts watching its inputs, or returns `None`
 /// in standalone mode. Fails only on configuration mistakes; an unreachable
 /// API server is not one.
-pub async fn connect(cfg: ClusterConfig, shutdown: CancellationToken) -> Result<Option<Cluster>, ClusterError> {
+pub async fn connect(cfg: ClusterConfig, tasks: &Tasks) -> Result<Option<Cluster>, ClusterError> {
     if cfg.access == Access::Standalone {
         return Ok(None);
     }
@@ -197,13 +197,12 @@ pub async fn connect(cfg: ClusterConfig, shutdown: CancellationToken) -> Result<
     let client = client::client(&cfg.access).await?;
     tracing::info!(node = %node, access = ?cfg.access, "cluster mode: publishing to Kubernetes");
     let metrics = Arc::new(ApiMetrics::default());
-    let settings =
-        settings::spawn(client.clone(), cfg.mpd_controller_cm_name.clone(), metrics.clone(), shutdown.clone());
-    let host_ports = pods::spawn_host_ports(client.clone(), &node, metrics.clone(), shutdown.clone());
-    let node_ports = services::spawn_node_ports(client.clone(), metrics.clone(), shutdown.clone());
-    let live_instances = LiveInsIds::spawn(client.clone(), metrics.clone(), shutdown.clone());
+    let settings = settings::spawn(client.clone(), cfg.mpd_controller_cm_name.clone(), metrics.clone(), tasks);
+    let host_ports = pods::spawn_host_ports(client.clone(), &node, metrics.clone(), tasks);
+    let node_ports = services::spawn_node_ports(client.clone(), metrics.clone(), tasks);
+    let live_instances = LiveInsIds::spawn(client.clone(), metrics.clone(), tasks.shutdown());
     let (versions, versions_synced) =
-        engines::spawn_versions(client.clone(), &cfg.core_version_cm_labels, metrics.clone(), shutdown.clone());
+        engines::spawn_versions(client.clone(), &cfg.core_version_cm_labels, metrics.clone(), tasks);
     Ok(Some(Cluster {
         node,
         client,
@@ -225,8 +224,8 @@ impl Cluster {
     }
 
     /// The client NIC to watch (see [`settings::nic_config`]).
-    pub fn nic_config(&self, fallback: NicConfig) -> watch::Receiver<Option<NicConfig>> {
-        settings::nic_config(self.settings.clone(), fallback)
+    pub fn nic_config(&self, fallback: NicConfig, tasks: &Tasks) -> watch::Receiver<Option<NicConfig>> {
+        settings::nic_config(self.settings.clone(), fallback, tasks)
     }
 
     /// Starts the sinks: the port-usage ConfigMap from the ports domain, the
@@ -237,7 +236,7 @@ impl Cluster {
         ports: &Ports,
         network: watch::Receiver<NetworkState>,
         engines: &Engines,
-        shutdown: CancellationToken,
+        tasks: &Tasks,
     ) -> Publishing {
         let (usage_tx, port_usage) = watch::channel(PublishState::default());
         let publisher = port_usage::Publisher {
@@ -257,8 +256,9 @@ impl Cluster {
                 min_interval: self.cfg.publish_min_interval,
                 heartbeat: self.cfg.heartbeat,
             },
+            tasks: tasks.clone(),
         };
-        tokio::spawn(publisher.run(shutdown.clone()));
+        tasks.restartable("port-usage", move || publisher.clone().run());
         let nodes: Api<Node> = Api::all(self.client.clone());
         let node_status = node_status::spawn(
             nodes,
@@ -266,7 +266,7 @@ impl Cluster {
             self.cfg.heartbeat,
             node_status::Inputs { network, settings: self.settings.clone() },
             self.metrics.clone(),
-            shutdown.clone(),
+            tasks,
         );
         let availability = engines::AvailabilityPublisher {
             object: NodeOwned::new(
@@ -279,8 +279,9 @@ impl Cluster {
             state: engines.state.clone(),
             versions_synced: self.versions_synced.clone(),
         };
-        tokio::spawn(availability.run(shutdown.clone()));
-        let rescan_bus = engines::spawn_bus(self.client.clone(), engines.clone(), self.metrics.clone(), shutdown);
+        let shutdown = tasks.shutdown();
+        tasks.restartable("availability", move || availability.clone().run(shutdown.clone()));
+        let rescan_bus = engines::spawn_bus(self.client.clone(), engines.clone(), self.metrics.clone(), tasks);
         Publishing { port_usage, node_status, rescan_bus }
     }
 }

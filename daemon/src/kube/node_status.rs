@@ -24,7 +24,6 @@ use kube::{
 use serde::Serialize;
 use serde_json::json;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use super::{
     client::{call, ApiMetrics, CallError},
@@ -33,6 +32,7 @@ use super::{
 use crate::{
     network::{LinkState, NetworkState},
     retry::{self, Backoff},
+    tasks::Tasks,
     time::utc_seconds,
 };
 
@@ -106,6 +106,7 @@ fn desired(net: &NetworkState, settings: &Settings) -> Vec<Condition> {
 }
 
 /// What the conditions are made from.
+#[derive(Clone)]
 pub struct Inputs {
     pub network: watch::Receiver<NetworkState>,
     pub settings: watch::Receiver<Settings>,
@@ -137,11 +138,24 @@ pub fn spawn(
     heartbeat: Duration,
     inputs: Inputs,
     metrics: Arc<ApiMetrics>,
-    shutdown: CancellationToken,
+    tasks: &Tasks,
 ) -> watch::Receiver<NodeStatusState> {
     let (state_tx, state_rx) = watch::channel(NodeStatusState::default());
-    let writer = Writer { nodes, node, metrics, state: state_tx, managed: BTreeMap::new(), seeded: None };
-    tokio::spawn(writer.run(inputs, heartbeat, shutdown));
+    let health = tasks.clone();
+    // Restartable: a new writer reads the Node's conditions again before its
+    // first write, so transition times survive the restart.
+    tasks.restartable("node-status", move || {
+        let writer = Writer {
+            nodes: nodes.clone(),
+            node: node.clone(),
+            metrics: metrics.clone(),
+            state: state_tx.clone(),
+            managed: BTreeMap::new(),
+            seeded: None,
+            tasks: health.clone(),
+        };
+        writer.run(inputs.clone(), heartbeat)
+    });
     state_rx
 }
 
@@ -156,10 +170,13 @@ struct Writer {
     /// a restart keeps the transition time of every condition whose status
     /// did not change, including ones a domain sets only later.
     seeded: Option<BTreeMap<String, (String, String)>>,
+    /// The heartbeat says the daemon is alive: it stops when it is not.
+    tasks: Tasks,
 }
 
 impl Writer {
-    async fn run(mut self, mut inputs: Inputs, heartbeat: Duration, shutdown: CancellationToken) {
+    async fn run(mut self, mut inputs: Inputs, heartbeat: Duration) {
+        let shutdown = self.tasks.shutdown();
         let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut backoff = Backoff::new();
@@ -193,7 +210,13 @@ impl Writer {
                 () = shutdown.cancelled() => return,
                 r = inputs.network.changed() => if r.is_err() { return },
                 r = inputs.settings.changed() => if r.is_err() { return },
-                _ = beat.tick() => beat_due = true,
+                _ = beat.tick() => {
+                    beat_due = self.tasks.healthy();
+                    if !beat_due {
+                        // A core task died: NodeRefreshFlag must not say the node is fine.
+                        tracing::error!(node = %self.node, "skipping the NodeRefreshFlag heartbeat: the daemon is unhealthy");
+                    }
+                }
                 () = retry::sleep_until(retry_at) => retry_at = None,
             }
         }

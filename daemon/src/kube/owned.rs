@@ -19,6 +19,7 @@ use super::{
 };
 
 /// One node-owned ConfigMap in `kube-system`.
+#[derive(Clone)]
 pub struct NodeOwned {
     api: Api<ConfigMap>,
     nodes: Api<Node>,

@@ -7,7 +7,6 @@ use std::{collections::BTreeMap, sync::Arc};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{runtime::watcher, Api};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use super::{client::ApiMetrics, mirror};
 use crate::{
@@ -15,6 +14,7 @@ use crate::{
         model::Proto,
         occupancy::{Claim, ClaimSet},
     },
+    tasks::Tasks,
 };
 
 /// A hostPort of a pod on this node.
@@ -68,19 +68,22 @@ pub fn spawn_host_ports(
     client: kube::Client,
     node: &str,
     metrics: Arc<ApiMetrics>,
-    shutdown: CancellationToken,
+    tasks: &Tasks,
 ) -> watch::Receiver<ClaimSet> {
     let (tx, rx) = watch::channel(ClaimSet::default());
     let api: Api<Pod> = Api::all(client);
     let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-    tokio::spawn(mirror::run(api, cfg, "pods/this-node", metrics, shutdown, move |view| {
-        let next = super::claim_set(&view, claims_of(view.objects));
-        tx.send_if_modified(|cur| {
-            let changed = *cur != next;
-            *cur = next;
-            changed
-        });
-    }));
+    mirror::spawn(tasks, "pods/this-node", api, cfg, metrics, move || {
+        let tx = tx.clone();
+        move |view| {
+            let next = super::claim_set(&view, claims_of(view.objects));
+            tx.send_if_modified(|cur| {
+                let changed = *cur != next;
+                *cur = next;
+                changed
+            });
+        }
+    });
     rx
 }
 

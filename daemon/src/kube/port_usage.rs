@@ -35,6 +35,7 @@ use super::{client::ApiMetrics, mirror, owned::NodeOwned, settings::Settings};
 use crate::{
     ports::Ports,
     retry::{self, Backoff},
+    tasks::Tasks,
     time::utc_seconds,
 };
 
@@ -76,6 +77,9 @@ pub struct Timing {
     pub heartbeat: Duration,
 }
 
+/// The sink's inputs: a restart (it is a restartable task) starts from
+/// these, and writes once more as after a start.
+#[derive(Clone)]
 pub struct Publisher {
     pub object: NodeOwned,
     pub ports: Ports,
@@ -83,6 +87,8 @@ pub struct Publisher {
     pub metrics: Arc<ApiMetrics>,
     pub state: watch::Sender<PublishState>,
     pub timing: Timing,
+    /// The heartbeat says the daemon is alive: it stops when it is not.
+    pub tasks: Tasks,
 }
 
 /// The bytes a data map of these keys takes.
@@ -111,12 +117,14 @@ fn fit(want: BTreeSet<u16>) -> (BTreeSet<u16>, usize) {
 }
 
 impl Publisher {
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    pub async fn run(mut self) {
+        let shutdown = self.tasks.shutdown();
         let name = self.object.name().to_owned();
         self.state.send_modify(|s| s.configmap = name.clone());
         let mut changes = self.ports.subscribe();
         let mut status = self.ports.status();
-        let mut exists = self.watch_own(shutdown.clone());
+        let (mut exists, own_watch) = self.watch_own(shutdown.clone());
+        tokio::pin!(own_watch);
         let mut last_write: Option<Instant> = None;
         let mut published: Option<BTreeSet<u16>> = None;
         let mut backoff = Backoff::new();
@@ -128,12 +136,15 @@ impl Publisher {
             let mut beat = false;
             tokio::select! {
                 () = shutdown.cancelled() => return,
+                () = &mut own_watch => return, // ends only at shutdown
                 ev = changes.recv() => match ev {
                     Ok(c) if !self.settings.borrow().ranges.contains(c.port) => continue,
                     Ok(_) | Err(RecvError::Lagged(_)) => {}
-                    Err(RecvError::Closed) => return,
+                    // The port map's owner is gone: the daemon is unhealthy
+                    // and will be restarted; nothing more to publish.
+                    Err(RecvError::Closed) => return shutdown.cancelled().await,
                 },
-                r = status.changed() => if r.is_err() { return },
+                r = status.changed() => if r.is_err() { return shutdown.cancelled().await },
                 r = self.settings.changed() => if r.is_err() { return },
                 r = exists.changed() => {
                     if r.is_err() { return }
@@ -183,6 +194,12 @@ impl Publisher {
                 );
             }
             let unchanged = published.as_ref() == Some(&want);
+            if !self.tasks.healthy() {
+                // A core task died: a write (even a refreshed updateTimestamp)
+                // would tell the operator this node's map is live. Let it go stale.
+                tracing::error!(configmap = %name, "not publishing port usage: the daemon is unhealthy");
+                return shutdown.cancelled().await;
+            }
             if unchanged && !beat {
                 // A failed write may have become unnecessary.
                 retry_at = None;
@@ -227,11 +244,15 @@ impl Publisher {
         }
     }
 
-    /// Whether this node's ConfigMap exists (None until the watch has listed).
-    fn watch_own(&self, shutdown: CancellationToken) -> watch::Receiver<Option<bool>> {
+    /// Whether this node's ConfigMap exists (None until the watch has
+    /// listed), and the watch that tells, to run beside the publisher.
+    fn watch_own(
+        &self,
+        shutdown: CancellationToken,
+    ) -> (watch::Receiver<Option<bool>>, impl std::future::Future<Output = ()> + Send + 'static) {
         let (tx, rx) = watch::channel(None);
         let cfg = watcher::Config::default().fields(&format!("metadata.name={}", self.object.name()));
-        tokio::spawn(mirror::run(
+        let watch = mirror::run(
             self.object.api().clone(),
             cfg,
             "configmaps/port-usage",
@@ -245,8 +266,8 @@ impl Publisher {
                     });
                 }
             },
-        ));
-        rx
+        );
+        (rx, watch)
     }
 
     async fn write(&mut self, keys: &BTreeSet<u16>, first: bool) -> Result<(), super::client::CallError> {

@@ -8,13 +8,15 @@ use std::{collections::BTreeMap, sync::Arc};
 use k8s_openapi::api::core::v1::Service;
 use kube::{runtime::watcher, Api};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use super::{client::ApiMetrics, mirror};
-use crate::ports::{
-    map::PortKey,
-    model::Proto,
-    occupancy::{Claim, ClaimSet},
+use crate::{
+    ports::{
+        map::PortKey,
+        model::Proto,
+        occupancy::{Claim, ClaimSet},
+    },
+    tasks::Tasks,
 };
 
 /// The nodePorts of NodePort and LoadBalancer Services, by port.
@@ -45,21 +47,20 @@ fn claims_of(services: &BTreeMap<String, Service>) -> BTreeMap<PortKey, Vec<Clai
 /// Watches every Service; the receiver holds their nodePorts as claims
 /// (`synced` once the first list is in; a later watch error keeps the set,
 /// late but not wrong, see `mirror`).
-pub fn spawn_node_ports(
-    client: kube::Client,
-    metrics: Arc<ApiMetrics>,
-    shutdown: CancellationToken,
-) -> watch::Receiver<ClaimSet> {
+pub fn spawn_node_ports(client: kube::Client, metrics: Arc<ApiMetrics>, tasks: &Tasks) -> watch::Receiver<ClaimSet> {
     let (tx, rx) = watch::channel(ClaimSet::default());
     let api: Api<Service> = Api::all(client);
-    tokio::spawn(mirror::run(api, watcher::Config::default(), "services", metrics, shutdown, move |view| {
-        let next = super::claim_set(&view, claims_of(view.objects));
-        tx.send_if_modified(|cur| {
-            let changed = *cur != next;
-            *cur = next;
-            changed
-        });
-    }));
+    mirror::spawn(tasks, "services", api, watcher::Config::default(), metrics, move || {
+        let tx = tx.clone();
+        move |view| {
+            let next = super::claim_set(&view, claims_of(view.objects));
+            tx.send_if_modified(|cur| {
+                let changed = *cur != next;
+                *cur = next;
+                changed
+            });
+        }
+    });
     rx
 }
 

@@ -48,10 +48,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use serde::Serialize;
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
-use tokio_util::sync::CancellationToken;
-
 use self::{
     cgroup::ContainerIds,
     events::{KernelCounters, Probes},
@@ -63,6 +59,9 @@ use self::{
     sockdiag::{DumpError, SockDiag},
     tracker::Tracker,
 };
+use crate::tasks::Tasks;
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 /// Settings of the ports domain (from flags).
 #[derive(Clone, Debug)]
@@ -407,7 +406,7 @@ pub enum StartError {
 /// Starts the ports domain: loads eBPF (or explains why not), starts the
 /// dumper and the owner task. Returns at once; `/readyz` tells when the first
 /// dump is in.
-pub fn start(cfg: PortsConfig, inputs: ClaimInputs, shutdown: CancellationToken) -> Result<Ports, StartError> {
+pub fn start(cfg: PortsConfig, inputs: ClaimInputs, tasks: &Tasks) -> Result<Ports, StartError> {
     let started = SystemTime::now();
     let cgroup_root = cfg.cgroup_root.clone().or_else(cgroup::find_root);
     let mut diag = SockDiag::new().map_err(StartError::SockDiag)?;
@@ -494,7 +493,10 @@ pub fn start(cfg: PortsConfig, inputs: ClaimInputs, shutdown: CancellationToken)
         recover_tracked: false,
         counters_seen: KernelCounters::default(),
     };
-    tokio::spawn(tracker.run(probes, dump_res_rx, tracker::claim_updates(inputs), settles_rx, periods, shutdown));
+    // The map, the probes and the ring buffer live in this one task: nothing
+    // could rebuild them, so it is a core task (its end fails /healthz).
+    let run = tracker.run(probes, dump_res_rx, tracker::claim_updates(inputs), settles_rx, periods, tasks.shutdown());
+    tasks.core("ports", run);
     Ok(ports)
 }
 
