@@ -148,6 +148,18 @@ pub struct Flags {
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
 
+    /// File holding the bearer token that authorizes the endpoints that
+    /// change state (sweeps, rescans) besides Kubernetes RBAC (a mounted
+    /// Secret; re-read per check). `--log-sweep-token-file` is the same.
+    #[arg(long)]
+    pub api_token_file: Option<PathBuf>,
+
+    /// The original's POSTs (RequestCheckCoreVersion, InnerCheckCoreVersion)
+    /// need an authorized caller too; by default they stay open for existing
+    /// callers, coalesced and rate limited.
+    #[arg(long)]
+    pub v1_require_auth: bool,
+
     /// Test hook: makes the named supervised task panic once, a second after
     /// it starts, to exercise the supervision (docs/operations.md).
     #[arg(long, hide = true, value_name = "TASK")]
@@ -254,6 +266,19 @@ impl Flags {
 
     pub fn nic_config(&self) -> NicConfig {
         NicConfig { name: self.net_card_name.clone(), net_mask: self.net_mask.clone().filter(|m| !m.trim().is_empty()) }
+    }
+
+    /// The sweeper's settings, with `--api-token-file` standing for the
+    /// older `--log-sweep-token-file` it folds in.
+    pub fn log_sweep_args(&self) -> LogSweepArgs {
+        let mut args = self.logs.clone();
+        args.log_sweep_token_file = self.api_token_file();
+        args
+    }
+
+    /// `--api-token-file`, or the older `--log-sweep-token-file` it folds in.
+    pub fn api_token_file(&self) -> Option<PathBuf> {
+        self.api_token_file.clone().or_else(|| self.logs.log_sweep_token_file.clone())
     }
 
     pub fn ports_config(&self) -> PortsConfig {

@@ -87,12 +87,15 @@ pub async fn run(flags: config::Flags) -> Result<(), RunError> {
         Some(c) => c.live_instances.clone(),
         None => Arc::new(logs::Standalone),
     };
-    let sweeps = logs::spawn(flags.logs.clone(), owners, shutdown.clone())?;
+    let mut sweep_args = flags.log_sweep_args();
+    sweep_args.callers_checked_by_cluster = cluster.is_some();
+    let sweeps = logs::spawn(sweep_args, owners, shutdown.clone())?;
     // Sinks.
     let kube = cluster.map(|c| {
         let publishing = c.publish(&ports, network.clone(), &engines, &tasks);
         (c, publishing)
     });
+    let access = http::access::Access::new(flags.api_token_file(), kube.as_ref().map(|(c, _)| c));
     let addr = SocketAddr::new(flags.listen_address, flags.port);
     let state = http::AppState {
         ports,
@@ -101,6 +104,9 @@ pub async fn run(flags: config::Flags) -> Result<(), RunError> {
         kube,
         logs: sweeps,
         sweep_policy: http::logs::HttpSweepPolicy::from_args(&flags.logs),
+        access,
+        v1_auth: flags.v1_require_auth,
+        limits: http::Limits::default(),
         tasks,
         shutdown: shutdown.clone(),
     };

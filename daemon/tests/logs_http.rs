@@ -10,6 +10,7 @@ mod logs {
 
     use axum::body::Body;
     use axum::http::{header, Method, Request, StatusCode};
+    use polarstack_daemon::http::access::Access;
     use polarstack_daemon::http::logs::{routes, HttpSweepPolicy};
     use polarstack_daemon::logs::{LiveInstances, LiveInstancesError, LogSweepArgs, SweepHandle};
     use rustix::fs::{AtFlags, Timespec, Timestamps, CWD};
@@ -52,7 +53,10 @@ mod logs {
 
     impl Fixture {
         fn policy(&self, enabled: bool) -> HttpSweepPolicy {
-            HttpSweepPolicy { allow_real_sweeps: enabled, token_file: Some(self.tmp.path().join("token")) }
+            HttpSweepPolicy { allow_real_sweeps: enabled }
+        }
+        fn access(&self) -> Access {
+            Access::new(Some(self.tmp.path().join("token")), None)
         }
         fn folder_exists(&self) -> bool {
             self.tmp.path().join("root/42").exists()
@@ -66,11 +70,22 @@ mod logs {
         uri: &str,
         token: Option<&str>,
     ) -> (StatusCode, serde_json::Value) {
+        call_with(f, policy, f.access(), method, uri, token).await
+    }
+
+    async fn call_with(
+        f: &Fixture,
+        policy: HttpSweepPolicy,
+        access: Access,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+    ) -> (StatusCode, serde_json::Value) {
         let mut req = Request::builder().method(method).uri(uri);
         if let Some(t) = token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        let resp = routes(f.handle.clone(), policy)
+        let resp = routes(f.handle.clone(), policy, access)
             .oneshot(req.body(Body::empty()).expect("request"))
             .await
             .expect("infallible");
@@ -89,17 +104,27 @@ mod logs {
     }
 
     #[tokio::test]
-    async fn dry_runs_are_open_and_delete_nothing() {
+    async fn dry_runs_need_a_token_and_delete_nothing() {
         let f = fixture(false);
         for uri in ["/api/v2/logs/sweep?dry_run=true", "/api/v2/logs/sweep"] {
+            // A dry run walks the whole tree: not for anyone on the node.
+            let last = |f: &Fixture| f.handle.last_report().map(|r| r.started_unix);
+            let before = last(&f);
             let (s, j) = call(&f, f.policy(false), Method::POST, uri, None).await;
+            assert_eq!(s, StatusCode::UNAUTHORIZED, "{uri}: {j}");
+            let (s, _) = call(&f, f.policy(false), Method::POST, uri, Some("guess")).await;
+            assert_eq!(s, StatusCode::UNAUTHORIZED, "{uri}");
+            let (s, _) = call(&f, f.policy(false), Method::POST, uri, Some("")).await;
+            assert_eq!(s, StatusCode::UNAUTHORIZED, "{uri}: an empty token is no token");
+            assert_eq!(last(&f), before, "{uri}: refused calls run no sweep");
+            let (s, j) = call(&f, f.policy(false), Method::POST, uri, Some("s3cret")).await;
             assert_eq!(s, StatusCode::OK, "{uri}: {j}");
             assert_eq!(j["dry_run"], true);
             assert_eq!(j["removed"].as_array().expect("removed").len(), 1);
         }
         assert!(f.folder_exists());
         let (s, j) = call(&f, f.policy(false), Method::GET, "/api/v2/logs/last-sweep", None).await;
-        assert_eq!(s, StatusCode::OK);
+        assert_eq!(s, StatusCode::OK, "reading the last report is open");
         assert_eq!(j["dry_run"], true);
     }
 
@@ -111,8 +136,8 @@ mod logs {
             (false, Some("s3cret"), StatusCode::FORBIDDEN),
             (true, None, StatusCode::UNAUTHORIZED),
             (true, Some(""), StatusCode::UNAUTHORIZED),
-            (true, Some("wrong"), StatusCode::FORBIDDEN),
-            (true, Some("s3cret-and-more"), StatusCode::FORBIDDEN),
+            (true, Some("wrong"), StatusCode::UNAUTHORIZED),
+            (true, Some("s3cret-and-more"), StatusCode::UNAUTHORIZED),
         ];
         for (enabled, token, want) in cases {
             let (s, j) = call(&f, f.policy(enabled), Method::POST, uri, token).await;
@@ -129,9 +154,10 @@ mod logs {
     #[tokio::test]
     async fn unreadable_token_file_refuses() {
         let f = fixture(false);
-        let policy = HttpSweepPolicy { allow_real_sweeps: true, token_file: Some(f.tmp.path().join("missing")) };
-        let (s, _) = call(&f, policy, Method::POST, "/api/v2/logs/sweep?dry_run=false", Some("x")).await;
-        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+        let access = Access::new(Some(f.tmp.path().join("missing")), None);
+        let uri = "/api/v2/logs/sweep?dry_run=false";
+        let (s, _) = call_with(&f, f.policy(true), access, Method::POST, uri, Some("x")).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
         assert!(f.folder_exists());
     }
 
@@ -181,7 +207,7 @@ mod logs {
     async fn missing_root_is_a_json_error() {
         let f = fixture(false);
         fs::remove_dir_all(f.tmp.path().join("root")).expect("rm");
-        let (s, j) = call(&f, f.policy(false), Method::POST, "/api/v2/logs/sweep?dry_run=true", None).await;
+        let (s, j) = call(&f, f.policy(false), Method::POST, "/api/v2/logs/sweep?dry_run=true", Some("s3cret")).await;
         assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
         assert!(j["error"].as_str().expect("error").contains("unavailable"));
     }

@@ -160,6 +160,18 @@ impl Daemon {
         Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
     }
 
+    /// POST an empty body with `Authorization: Bearer <token>` when given.
+    pub fn post_as(&self, path: &str, token: Option<&str>) -> Result<(u16, Value)> {
+        let mut req = self.agent.post(&self.url(path));
+        if let Some(t) = token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let mut resp = req.send_empty().with_context(|| format!("POST {path}"))?;
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().context("read body")?;
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+
     pub fn get_ok(&self, path: &str) -> Value {
         match self.get(path) {
             Ok((200, v)) => v,

@@ -41,6 +41,9 @@ use crate::{
 
 /// How long a scan request waits for others to join it.
 const GATHER: Duration = Duration::from_millis(50);
+/// Least time between two requested scans: a caller that loops on a rescan
+/// endpoint gets its answers, at most one scan per interval.
+const REQUESTED_SCAN_GAP: Duration = Duration::from_secs(1);
 
 /// Settings of the engines domain (from flags).
 #[derive(Debug, Clone)]
@@ -235,6 +238,7 @@ impl Owner {
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Standalone, no versions ever come: the sender is gone from the start.
         let mut versions_open = true;
+        let mut last_requested: Option<tokio::time::Instant> = None;
         loop {
             let mut answered = Vec::new();
             tokio::select! {
@@ -256,8 +260,11 @@ impl Owner {
             }
             if !answered.is_empty() {
                 // Requests come in bursts (a cluster-wide rescan, an operator
-                // retrying): gather the burst so it costs one scan.
-                tokio::time::sleep(GATHER).await;
+                // retrying): gather the burst so it costs one scan, and keep
+                // requested scans an interval apart.
+                let gap = last_requested.map_or(Duration::ZERO, |t| REQUESTED_SCAN_GAP.saturating_sub(t.elapsed()));
+                tokio::time::sleep(GATHER.max(gap)).await;
+                last_requested = Some(tokio::time::Instant::now());
             }
             // Every request queued now is answered by this one scan.
             while let Ok(r) = requests.try_recv() {

@@ -1,15 +1,14 @@
 //! Native HTTP API of the log sweeper.
 //!
 //! - `POST /api/v2/logs/sweep?dry_run=true|false`: run a sweep now and return
-//!   its report. Dry runs are open; a real sweep deletes files on a port that
-//!   is on the host network, so it needs `--log-sweep-http-enable` and the
-//!   bearer token from `--log-sweep-token-file`.
+//!   its report. The port is on the host network, so every sweep needs an
+//!   authorized caller (see [`super::access`]): a dry run walks the whole log
+//!   tree, a real one deletes. A real one also needs `--log-sweep-http-enable`.
 //! - `GET /api/v2/logs/last-sweep`: the last report (404 before the first).
 //!
 //! Errors are `{"error": "..."}` with a 4xx (5xx only when the sweep itself
 //! could not run).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::extract::{RawQuery, State};
@@ -19,38 +18,37 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
+use super::access::{Access, Action};
 use crate::logs::{LogSweepArgs, SweepError, SweepHandle};
 
-/// Who may start a real (deleting) sweep over HTTP.
+/// Whether real (deleting) sweeps may be asked for over HTTP.
 #[derive(Debug, Clone, Default)]
 pub struct HttpSweepPolicy {
     /// `--log-sweep-http-enable`.
     pub allow_real_sweeps: bool,
-    /// `--log-sweep-token-file`, read on every real-sweep request so a
-    /// rotated Secret applies without restart.
-    pub token_file: Option<PathBuf>,
 }
 
 impl HttpSweepPolicy {
     pub fn from_args(args: &LogSweepArgs) -> Self {
-        Self { allow_real_sweeps: args.log_sweep_http_enable, token_file: args.log_sweep_token_file.clone() }
+        Self { allow_real_sweeps: args.log_sweep_http_enable }
     }
 }
 
 struct AppState {
     handle: SweepHandle,
     policy: HttpSweepPolicy,
+    access: Access,
 }
 
 /// The log-sweep routes, to be merged into the daemon's router.
-pub fn routes(handle: SweepHandle, policy: HttpSweepPolicy) -> Router {
+pub fn routes(handle: SweepHandle, policy: HttpSweepPolicy, access: Access) -> Router {
     Router::new()
         .route("/api/v2/logs/sweep", post(sweep))
         .route("/api/v2/logs/last-sweep", get(last_sweep))
         .method_not_allowed_fallback(|| async {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed (sweep is POST, last-sweep is GET)")
         })
-        .with_state(Arc::new(AppState { handle, policy }))
+        .with_state(Arc::new(AppState { handle, policy, access }))
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -86,66 +84,23 @@ fn parse_dry_run(query: Option<&str>) -> Result<bool, String> {
     Ok(dry_run.unwrap_or(true))
 }
 
-/// Compares without an early exit, so the time taken does not reveal how
-/// many leading bytes matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = u8::from(a.len() != b.len());
-    let n = a.len().max(b.len());
-    for i in 0..n {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0xff);
-        diff |= x ^ y;
-    }
-    diff == 0
-}
-
-#[allow(clippy::result_large_err, reason = "the error is the response itself, built once per refused request")]
-fn authorize(policy: &HttpSweepPolicy, headers: &HeaderMap) -> Result<(), Response> {
-    if !policy.allow_real_sweeps {
-        return Err(error(
-            StatusCode::FORBIDDEN,
-            "real sweeps over HTTP are disabled (--log-sweep-http-enable); dry_run=true is allowed",
-        ));
-    }
-    let Some(file) = &policy.token_file else {
-        return Err(error(StatusCode::FORBIDDEN, "no --log-sweep-token-file configured"));
-    };
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(presented) = presented.filter(|p| !p.is_empty()) else {
-        let mut resp = error(StatusCode::UNAUTHORIZED, "missing bearer token");
-        resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return Err(resp);
-    };
-    let expected = match std::fs::read_to_string(file) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!(file = %file.display(), error = %e, "log sweep token file unreadable");
-            return Err(error(StatusCode::SERVICE_UNAVAILABLE, "token file unreadable; real sweeps refused"));
-        }
-    };
-    let expected = expected.trim();
-    if expected.is_empty() {
-        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "token file is empty; real sweeps refused"));
-    }
-    if !constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
-        return Err(error(StatusCode::FORBIDDEN, "wrong bearer token"));
-    }
-    Ok(())
-}
-
 async fn sweep(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery, headers: HeaderMap) -> Response {
     let dry_run = match parse_dry_run(query.as_deref()) {
         Ok(d) => d,
         Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
     };
-    if !dry_run {
-        if let Err(resp) = authorize(&state.policy, &headers) {
-            return resp;
+    if !dry_run && !state.policy.allow_real_sweeps {
+        return error(
+            StatusCode::FORBIDDEN,
+            "real sweeps over HTTP are disabled (--log-sweep-http-enable); dry_run=true is allowed",
+        );
+    }
+    if let Err(refused) = state.access.check(Action::Sweep, &headers).await {
+        let mut resp = error(refused.status(), refused.to_string());
+        if refused.status() == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        return resp;
     }
     match state.handle.sweep(dry_run).await {
         Ok(report) => Json(report).into_response(),
@@ -178,14 +133,5 @@ mod tests {
         {
             assert!(parse_dry_run(Some(bad)).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn constant_time() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
-        assert!(!constant_time_eq(b"", b"a"));
-        assert!(!constant_time_eq(b"a\xff", b"a"));
     }
 }

@@ -1,10 +1,12 @@
 //! The HTTP sink: health, readiness, metrics and the native v2 API, served by
 //! axum on `--port`. Handlers only read domain state; they never write it.
+pub mod access;
 mod compat;
 mod error;
 pub mod logs;
 mod ports;
 mod query;
+mod server;
 
 use std::net::SocketAddr;
 
@@ -38,13 +40,38 @@ pub struct AppState {
     pub kube: Option<(Cluster, Publishing)>,
     pub logs: SweepHandle,
     pub sweep_policy: logs::HttpSweepPolicy,
+    /// Checks callers of the endpoints that change state.
+    pub access: access::Access,
+    /// `--v1-require-auth`: the original's POSTs need a caller too.
+    pub v1_auth: bool,
     /// Every supervised task's health.
     pub tasks: Tasks,
+    /// What the handlers hold back for everyone (watch slots, lookups).
+    pub limits: Limits,
     pub shutdown: CancellationToken,
 }
 
+/// Open watch streams at most; more get a 503 until one ends.
+pub const MAX_WATCHERS: usize = 64;
+
+/// Shared bounds of the handlers: any pod of the node can call them.
+#[derive(Clone)]
+pub struct Limits {
+    watchers: std::sync::Arc<tokio::sync::Semaphore>,
+    standby: compat::StandbyLookups,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            watchers: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_WATCHERS)),
+            standby: compat::StandbyLookups::default(),
+        }
+    }
+}
+
 pub fn router(state: AppState) -> Router {
-    let sweeps = logs::routes(state.logs.clone(), state.sweep_policy.clone());
+    let sweeps = logs::routes(state.logs.clone(), state.sweep_policy.clone(), state.access.clone());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -64,7 +91,7 @@ pub async fn serve(addr: SocketAddr, state: AppState) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "HTTP API listening");
     let shutdown = state.shutdown.clone();
-    axum::serve(listener, router(state)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+    server::serve(listener, router(state), shutdown).await
 }
 
 /// Alive: `{"status":"ok"}` (the original's body) while every core task

@@ -289,9 +289,17 @@ async fn watch(
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let params = Params::parse(q.as_deref(), &["proto", "from", "to"])?;
     let f = filter(&params)?;
+    let Ok(slot) = st.limits.watchers.clone().try_acquire_owned() else {
+        return Err(ApiError::Unavailable(format!(
+            "too many open watch streams (at most {}); retry later",
+            super::MAX_WATCHERS
+        )));
+    };
     let shutdown = st.shutdown.clone();
     let stream = BroadcastStream::new(st.ports.subscribe())
         .filter_map(move |item| {
+            // The slot is held as long as the stream lives.
+            let _held = &slot;
             let out = match item {
                 Ok(c) if f.protos.contains(&c.proto) && f.range.contains(&c.port) => {
                     let name = match c.kind {

@@ -43,6 +43,11 @@ pub struct LogSweepArgs {
     /// How many instance folders are swept in parallel on the blocking pool.
     #[arg(long = "log-sweep-concurrency", default_value_t = 4)]
     pub log_sweep_concurrency: usize,
+
+    /// Set by the wiring, not a flag: in a cluster, HTTP callers are checked
+    /// with TokenReview and SubjectAccessReview, so no token file is needed.
+    #[arg(skip)]
+    pub callers_checked_by_cluster: bool,
 }
 
 impl Default for LogSweepArgs {
@@ -57,6 +62,7 @@ impl Default for LogSweepArgs {
             log_sweep_token_file: None,
             ins_id_pattern: "^[0-9]+$".to_owned(),
             log_sweep_concurrency: 4,
+            callers_checked_by_cluster: false,
         }
     }
 }
@@ -80,7 +86,7 @@ pub enum LogSweepConfigError {
     IntervalTooShort { value: Duration },
     #[error("--ins-folder-overdue-days must be at least 1")]
     ZeroOverdueDays,
-    #[error("--log-sweep-http-enable needs --log-sweep-token-file")]
+    #[error("--log-sweep-http-enable needs --api-token-file when standalone (in a cluster, callers are checked with TokenReview)")]
     TokenFileMissing,
 }
 
@@ -118,7 +124,7 @@ impl LogSweepArgs {
         if self.ins_folder_overdue_days == 0 {
             return Err(LogSweepConfigError::ZeroOverdueDays);
         }
-        if self.log_sweep_http_enable && self.log_sweep_token_file.is_none() {
+        if self.log_sweep_http_enable && self.log_sweep_token_file.is_none() && !self.callers_checked_by_cluster {
             return Err(LogSweepConfigError::TokenFileMissing);
         }
         Ok(SweepConfig {
@@ -152,6 +158,8 @@ mod tests {
         let mut a = ok.clone();
         a.log_sweep_http_enable = true;
         assert!(matches!(a.validate(), Err(LogSweepConfigError::TokenFileMissing)));
+        a.callers_checked_by_cluster = true;
+        assert!(a.validate().is_ok(), "in a cluster the API server checks callers");
         let mut a = ok;
         a.ins_folder_overdue_days = 0;
         assert!(matches!(a.validate(), Err(LogSweepConfigError::ZeroOverdueDays)));

@@ -18,6 +18,8 @@ pub struct ResourceType {
     /// Whether it has a `/status` subresource. For those, writes to the main
     /// resource ignore `.status` and writes to `/status` change only `.status`.
     pub status_subresource: bool,
+    /// A review (TokenReview, SubjectAccessReview): create only, never stored.
+    pub review: bool,
 }
 
 const VERBS: &[&str] = &["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"];
@@ -35,6 +37,7 @@ pub static RESOURCES: &[ResourceType] = &[
         namespaced: true,
         short_names: &["cm"],
         status_subresource: false,
+        review: false,
     },
     ResourceType {
         group: "",
@@ -45,6 +48,7 @@ pub static RESOURCES: &[ResourceType] = &[
         namespaced: true,
         short_names: &["ev"],
         status_subresource: false,
+        review: false,
     },
     ResourceType {
         group: "",
@@ -55,6 +59,7 @@ pub static RESOURCES: &[ResourceType] = &[
         namespaced: false,
         short_names: &["ns"],
         status_subresource: true,
+        review: false,
     },
     ResourceType {
         group: "",
@@ -65,6 +70,7 @@ pub static RESOURCES: &[ResourceType] = &[
         namespaced: false,
         short_names: &["no"],
         status_subresource: true,
+        review: false,
     },
     ResourceType {
         group: "",
@@ -75,6 +81,7 @@ pub static RESOURCES: &[ResourceType] = &[
         namespaced: true,
         short_names: &["po"],
         status_subresource: true,
+        review: false,
     },
     ResourceType {
         group: "",
@@ -85,6 +92,7 @@ pub static RESOURCES: &[ResourceType] = &[
         namespaced: true,
         short_names: &["svc"],
         status_subresource: true,
+        review: false,
     },
     ResourceType {
         group: "events.k8s.io",
@@ -95,6 +103,29 @@ pub static RESOURCES: &[ResourceType] = &[
         namespaced: true,
         short_names: &["ev"],
         status_subresource: false,
+        review: false,
+    },
+    ResourceType {
+        group: "authentication.k8s.io",
+        version: "v1",
+        plural: "tokenreviews",
+        singular: "tokenreview",
+        kind: "TokenReview",
+        namespaced: false,
+        short_names: &[],
+        status_subresource: false,
+        review: true,
+    },
+    ResourceType {
+        group: "authorization.k8s.io",
+        version: "v1",
+        plural: "subjectaccessreviews",
+        singular: "subjectaccessreview",
+        kind: "SubjectAccessReview",
+        namespaced: false,
+        short_names: &[],
+        status_subresource: false,
+        review: true,
     },
 ];
 
@@ -204,7 +235,7 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
             "singularName": r.singular,
             "namespaced": r.namespaced,
             "kind": r.kind,
-            "verbs": VERBS,
+            "verbs": if r.review { &["create"][..] } else { VERBS },
             "shortNames": r.short_names,
         }));
         if r.status_subresource {

@@ -21,7 +21,11 @@
 //! delete and deletecollection, the `/status` subresource, label and field
 //! selectors, resourceVersion semantics and `managedFields`.
 //!
-//! Deliberately left out: authentication (any token is accepted), admission,
+//! TokenReviews and SubjectAccessReviews answer from what tests set
+//! (`reviews.rs`): which tokens are whose, what users may post.
+//!
+//! Deliberately left out: authentication of the client itself (any token is
+//! accepted), admission,
 //! defaulting and validation of object contents (`fieldValidation` is
 //! accepted and ignored), finalizers and graceful deletion, `generation`,
 //! Table output (kubectl prints its own NAME/AGE columns), protobuf (415, so
@@ -40,6 +44,7 @@ mod handlers;
 mod kubeconfig;
 mod patch;
 mod rbac;
+mod reviews;
 mod selector;
 mod server;
 mod status;
@@ -98,6 +103,10 @@ struct Control {
     down: bool,
     rbac: Option<Vec<RbacRule>>,
     bookmark_interval: Duration,
+    /// Token -> user, for TokenReviews.
+    users: std::collections::BTreeMap<String, reviews::User>,
+    /// Non-resource permissions of users, for SubjectAccessReviews.
+    grants: Vec<reviews::Grant>,
 }
 
 /// State shared by the server thread and the test's handle.
@@ -160,6 +169,8 @@ impl FakeApi {
                 down: false,
                 rbac: None,
                 bookmark_interval: Duration::from_secs(5),
+                users: std::collections::BTreeMap::new(),
+                grants: Vec::new(),
             }),
             log: Mutex::new(Vec::new()),
             end_watches: tokio::sync::watch::Sender::new(0),
@@ -287,6 +298,23 @@ impl FakeApi {
     /// as they are for every authenticated user. `None`: everything allowed.
     pub fn set_rbac(&self, rules: Option<Vec<RbacRule>>) {
         self.shared.control().rbac = rules;
+    }
+
+    /// Makes TokenReviews of `token` authenticate as `user` in `groups`.
+    pub fn add_user(&self, token: &str, user: &str, groups: &[&str]) {
+        let u = reviews::User {
+            name: user.to_owned(),
+            uid: format!("uid-{user}"),
+            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+        };
+        self.shared.control().users.insert(token.to_owned(), u);
+    }
+
+    /// Lets `user` do `verb` on the non-resource URL `path` (RBAC's
+    /// `nonResourceURLs`, `*` suffix allowed), as SubjectAccessReviews answer.
+    pub fn grant(&self, user: &str, verb: &str, path: &str) {
+        let g = reviews::Grant { user: user.to_owned(), verb: verb.to_owned(), path: path.to_owned() };
+        self.shared.control().grants.push(g);
     }
 
     /// How often watches with `allowWatchBookmarks=true` get a BOOKMARK

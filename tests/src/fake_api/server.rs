@@ -27,6 +27,7 @@ use super::{
     faults::{FaultAction, Verdict},
     handlers,
     rbac::Attributes,
+    reviews,
     status::ApiError,
     watch, RequestRecord, Shared,
 };
@@ -310,6 +311,15 @@ fn answer(shared: &Arc<Shared>, path: &str, req: &ApiRequest) -> (Response<Body>
             e.details = Some(serde_json::json!({ "name": t.name.clone().unwrap_or_default(), "kind": t.rt.plural }));
             return (error_response(&e), true);
         }
+    }
+    if t.rt.review {
+        if verb != "create" {
+            return (error_response(&ApiError::method_not_allowed(req.method.as_str())), false);
+        }
+        return match reviews::answer(&shared.control(), t.rt.plural, req) {
+            Ok((code, body)) => (json_response(code, &body), false),
+            Err(e) => (error_response(&e), false),
+        };
     }
     if watching {
         return match watch::start(shared, &t, req) {
