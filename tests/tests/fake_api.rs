@@ -656,6 +656,89 @@ fn rbac_denies_outside_the_rules() {
     assert_eq!(http.get("/api/v1/configmaps").0, 200);
 }
 
+/// resourceNames as a real apiserver applies them: a list or watch with a
+/// `metadata.name` field selector is authorized as that object; a plain
+/// create (POST) has no name to match; a server-side apply that creates its
+/// object needs `create` on that name as well as `patch`, one that updates
+/// needs only `patch`.
+#[test]
+fn rbac_resource_names_for_selected_lists_and_creating_applies() {
+    let api = FakeApi::start();
+    let http = Http::new(&api);
+    api.put(cm("named", json!({})));
+    api.put(cm("other", json!({})));
+    let watch = "watch=true&timeoutSeconds=1";
+    api.set_rbac(Some(vec![
+        RbacRule::new(&["get", "list", "watch", "patch"], &["configmaps"])
+            .in_namespaces(&["kube-system"])
+            .named(&["named", "fresh"]),
+        RbacRule::new(&["create"], &["configmaps"]).in_namespaces(&["kube-system"]).named(&["fresh"]),
+    ]));
+    let (code, list) = http.get(&format!("{CMS}?fieldSelector=metadata.name%3Dnamed"));
+    assert_eq!(code, 200, "{list}");
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(1));
+    for allowed in [
+        format!("{CMS}?fieldSelector=metadata.name%3D%3Dnamed"),
+        format!("{CMS}?fieldSelector=metadata.namespace%3Dkube-system,metadata.name%3Dnamed"),
+        format!("{CMS}?fieldSelector=metadata.name%3Dnamed&{watch}"),
+        format!("{CMS}/named"),
+    ] {
+        assert_eq!(http.get(&allowed).0, 200, "{allowed}");
+    }
+    for refused in [
+        CMS.to_string(),
+        format!("{CMS}?fieldSelector=metadata.name%3Dother"),
+        format!("{CMS}?fieldSelector=metadata.name!%3Dother"),
+        format!("{CMS}?labelSelector=app%3Dx"),
+        format!("{CMS}?{watch}"),
+        format!("{CMS}/other"),
+        "/api/v1/configmaps?fieldSelector=metadata.name%3Dnamed".to_string(),
+    ] {
+        let (code, body) = http.get(&refused);
+        assert_eq!(code, 403, "{refused}: {body}");
+    }
+    let last = api.requests().pop().expect("logged");
+    assert_eq!(last.authorization.len(), 1);
+    assert_eq!(
+        (last.authorization[0].verb.as_str(), last.authorization[0].name.as_deref()),
+        ("list", Some("named")),
+        "the selected name is what was authorized"
+    );
+
+    // A POST carries no name at authorization: a named create rule never matches it.
+    let (code, body) = http.post(CMS, &cm("fresh", json!({})));
+    assert_eq!(code, 403, "{body}");
+    // Apply creating "other": patch is refused first.
+    let apply = |name: &str| {
+        http.patch(&format!("{CMS}/{name}?fieldManager=t"), APPLY, &cm(name, json!({"k": "v"})).to_string())
+    };
+    assert_eq!(apply("other").0, 403);
+    // Apply creating "fresh": patch and create both named. Then an update of it needs only patch.
+    let (code, body) = apply("fresh");
+    assert_eq!(code, 201, "{body}");
+    let checks = api.requests().pop().expect("logged").authorization;
+    let verbs: Vec<(&str, bool)> = checks.iter().map(|c| (c.verb.as_str(), c.allowed)).collect();
+    assert_eq!(verbs, [("patch", true), ("create", true)]);
+    assert_eq!(apply("fresh").0, 200);
+    let checks = api.requests().pop().expect("logged").authorization;
+    assert_eq!(checks.iter().map(|c| c.verb.as_str()).collect::<Vec<_>>(), ["patch"], "an update is not a create");
+
+    // Without create, an apply that would create is refused, and nothing is stored.
+    api.set_rbac(Some(vec![RbacRule::new(&["patch"], &["configmaps"]).in_namespaces(&["kube-system"])]));
+    let (code, body) = apply("brand-new");
+    assert_eq!(code, 403, "{body}");
+    assert_status(&body, 403, "Forbidden");
+    assert!(body["message"].as_str().is_some_and(|m| m.contains("cannot create resource \"configmaps\"")), "{body}");
+    assert!(api.get("configmaps", Some("kube-system"), "brand-new").is_none());
+    let last = api.requests().pop().expect("logged");
+    assert!(last.denied);
+    let verbs: Vec<(&str, bool)> = last.authorization.iter().map(|c| (c.verb.as_str(), c.allowed)).collect();
+    assert_eq!(verbs, [("patch", true), ("create", false)]);
+    assert_eq!(apply("named").0, 200, "updating an existing object needs no create");
+    // A merge patch of a missing object is a 404 (no create), not a 403.
+    assert_eq!(http.patch(&format!("{CMS}/missing"), MERGE, "{}").0, 404);
+}
+
 #[test]
 fn request_log_records_what_clients_sent() {
     let api = FakeApi::start();

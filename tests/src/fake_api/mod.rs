@@ -63,7 +63,7 @@ use std::{
 pub use discovery::ResourceType;
 pub use faults::{Fault, FaultAction};
 pub use kubeconfig::TOKEN;
-pub use rbac::RbacRule;
+pub use rbac::{AuthzCheck, RbacRule};
 use serde_json::{json, Value};
 pub use status::ApiError;
 use store::Store;
@@ -82,6 +82,8 @@ pub struct RequestRecord {
     pub status: u16,
     /// Refused by the RBAC rules ([`FakeApi::set_rbac`]).
     pub denied: bool,
+    /// The authorization decisions made for it, while RBAC is on.
+    pub authorization: Vec<AuthzCheck>,
     pub at: Instant,
 }
 
@@ -294,8 +296,12 @@ impl FakeApi {
     }
 
     /// `Some(rules)`: resource requests outside the rules get a 403 Forbidden
-    /// Status (and `denied` in the log). Discovery and `/version` stay open,
-    /// as they are for every authenticated user. `None`: everything allowed.
+    /// Status (and `denied` in the log). As in the apiserver, a list or watch
+    /// with a `metadata.name=X` field selector is authorized as object X (so
+    /// `resourceNames` can allow it), and a server-side apply that creates its
+    /// object needs `create` on that name besides `patch`. Discovery and
+    /// `/version` stay open, as they are for every authenticated user.
+    /// `None`: everything allowed.
     pub fn set_rbac(&self, rules: Option<Vec<RbacRule>>) {
         self.shared.control().rbac = rules;
     }

@@ -33,12 +33,35 @@ impl RbacRule {
     }
 
     fn allows(&self, a: &Attributes<'_>) -> bool {
-        let any = |list: &[String], x: &str| list.iter().any(|i| i == "*" || i == x);
-        any(&self.verbs, a.verb)
-            && any(&self.resources, &a.resource_path())
-            && self.namespaces.as_ref().is_none_or(|ns| a.namespace.is_some_and(|n| ns.iter().any(|i| i == n)))
-            && self.names.as_ref().is_none_or(|names| a.name.is_some_and(|n| names.iter().any(|i| i == n)))
+        self.permits(a.verb, &a.resource_path(), a.namespace, a.name)
     }
+
+    /// Whether this rule alone allows a decision the server logged.
+    pub fn allows_check(&self, c: &AuthzCheck) -> bool {
+        self.permits(&c.verb, &c.resource, c.namespace.as_deref(), c.name.as_deref())
+    }
+
+    fn permits(&self, verb: &str, resource: &str, namespace: Option<&str>, name: Option<&str>) -> bool {
+        let any = |list: &[String], x: &str| list.iter().any(|i| i == "*" || i == x);
+        any(&self.verbs, verb)
+            && any(&self.resources, resource)
+            && self.namespaces.as_ref().is_none_or(|ns| namespace.is_some_and(|n| ns.iter().any(|i| i == n)))
+            && self.names.as_ref().is_none_or(|names| name.is_some_and(|n| names.iter().any(|i| i == n)))
+    }
+}
+
+/// One authorization decision, as the request log keeps it (only while RBAC
+/// is on): a request is checked once, and a server-side apply that creates
+/// its object a second time, as `create`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthzCheck {
+    pub verb: String,
+    /// The plural, `nodes/status` for a subresource.
+    pub resource: String,
+    pub namespace: Option<String>,
+    /// From the URL, or for list and watch from a `metadata.name` field selector.
+    pub name: Option<String>,
+    pub allowed: bool,
 }
 
 /// What a resource request asks to do, as the authorizer sees it.
@@ -62,6 +85,17 @@ impl Attributes<'_> {
     /// Whether any rule allows it.
     pub fn allowed_by(&self, rules: &[RbacRule]) -> bool {
         rules.iter().any(|r| r.allows(self))
+    }
+
+    /// The decision under `rules`, for the request log.
+    pub fn check(&self, rules: &[RbacRule]) -> AuthzCheck {
+        AuthzCheck {
+            verb: self.verb.to_string(),
+            resource: self.resource_path(),
+            namespace: self.namespace.map(str::to_string),
+            name: self.name.map(str::to_string),
+            allowed: self.allowed_by(rules),
+        }
     }
 
     /// The message of the apiserver's 403.

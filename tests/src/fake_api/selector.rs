@@ -209,6 +209,32 @@ impl FieldSelector {
     }
 }
 
+/// The name a list or watch is authorized as: the value of a
+/// `metadata.name=` (or `==`) term of its field selector, as the apiserver's
+/// request-info resolver takes it (`RequiresExactMatch("metadata.name")`),
+/// before any check of which fields the resource supports. None when the
+/// selector does not parse, has no such term, or the value could not be a
+/// path segment (`.`, `..`, or containing `/` or `%`).
+pub fn exact_name(raw: &str) -> Option<String> {
+    if raw.trim().is_empty() {
+        return None;
+    }
+    let mut found = None;
+    for part in raw.split(',') {
+        let (field, exact, value) = if let Some((f, v)) = part.split_once("!=") {
+            (f, false, v)
+        } else if let Some((f, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
+            (f, true, v)
+        } else {
+            return None;
+        };
+        if exact && field.trim() == "metadata.name" && found.is_none() {
+            found = Some(value.trim().to_string());
+        }
+    }
+    found.filter(|n| n != "." && n != ".." && !n.contains(['/', '%']))
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -276,5 +302,25 @@ mod tests {
         assert!(FieldSelector::parse("nonsense", cms).is_err());
         let nodes = ResourceType::lookup("nodes").expect("nodes");
         assert!(f("spec.unschedulable=false", nodes).matches(&o));
+    }
+
+    #[test]
+    fn names_that_authorize_a_list() {
+        let some = |s: &str| Some(s.to_string());
+        assert_eq!(exact_name("metadata.name=a"), some("a"));
+        assert_eq!(exact_name("metadata.name==a"), some("a"));
+        assert_eq!(exact_name("metadata.namespace=ns,metadata.name=a"), some("a"));
+        assert_eq!(exact_name("metadata.name=a,spec.unknown=x"), some("a"), "fields are checked later");
+        assert_eq!(exact_name("metadata.name=a,metadata.name=b"), some("a"));
+        for none in [
+            "",
+            "metadata.name!=a",
+            "spec.nodeName=a",
+            "metadata.name=a,nonsense",
+            "metadata.name=..",
+            "metadata.name=a/b",
+        ] {
+            assert_eq!(exact_name(none), None, "{none}");
+        }
     }
 }

@@ -26,8 +26,8 @@ use super::{
     discovery::{self, ResourceType},
     faults::{FaultAction, Verdict},
     handlers,
-    rbac::Attributes,
-    reviews,
+    rbac::{Attributes, AuthzCheck, RbacRule},
+    reviews, selector,
     status::ApiError,
     watch, RequestRecord, Shared,
 };
@@ -214,6 +214,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         user_agent: header(USER_AGENT),
         status: 0,
         denied: false,
+        authorization: Vec::new(),
         at: Instant::now(),
     };
     let verdict = {
@@ -254,8 +255,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 user_agent: record.user_agent.clone().unwrap_or_default(),
                 body,
             };
-            let (response, denied) = answer(&shared, &record.path, &api_req);
-            record.denied = denied;
+            let (response, checks) = answer(&shared, &record.path, &api_req);
+            record.denied = checks.iter().any(|c| !c.allowed);
+            record.authorization = checks;
             response
         }
     };
@@ -264,8 +266,61 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     Ok(response)
 }
 
-/// The API proper; also says whether RBAC refused the request.
-fn answer(shared: &Arc<Shared>, path: &str, req: &ApiRequest) -> (Response<Body>, bool) {
+/// The 403 of a refused request.
+fn forbidden(attrs: &Attributes<'_>) -> Response<Body> {
+    let mut e = ApiError::forbidden(attrs.denial());
+    e.details = Some(serde_json::json!({ "name": attrs.name.unwrap_or_default(), "kind": attrs.resource.plural }));
+    error_response(&e)
+}
+
+/// RBAC, as the apiserver applies it: the request's verb on the object the
+/// URL names (for list and watch, the one a `metadata.name` field selector
+/// names), and for a server-side apply that would create its object, `create`
+/// on that name as well (the patch handler's create-on-update check). The
+/// response when refused, and the decisions made.
+fn authorize(
+    shared: &Shared,
+    rules: &[RbacRule],
+    t: &Target,
+    verb: &'static str,
+    req: &ApiRequest,
+) -> (Option<Response<Body>>, Vec<AuthzCheck>) {
+    let selected = match verb {
+        "list" | "watch" => req.query.get("fieldSelector").and_then(selector::exact_name),
+        _ => None,
+    };
+    let attrs = Attributes {
+        verb,
+        resource: t.rt,
+        subresource: t.subresource.as_deref(),
+        namespace: t.namespace.as_deref(),
+        name: t.name.as_deref().or(selected.as_deref()),
+    };
+    let check = attrs.check(rules);
+    if !check.allowed {
+        return (Some(forbidden(&attrs)), vec![check]);
+    }
+    let mut checks = vec![check];
+    let creates = verb == "patch"
+        && req.content_type == "application/apply-patch+yaml"
+        && t.subresource.is_none()
+        && t.name.as_deref().is_some_and(|n| shared.store().get(t.rt, t.namespace.as_deref(), n).is_none());
+    if creates {
+        // The apiserver's message here carries only the authorizer's reason
+        // (empty for RBAC); this one says what was refused.
+        let create = Attributes { verb: "create", ..attrs };
+        let check = create.check(rules);
+        let refused = !check.allowed;
+        checks.push(check);
+        if refused {
+            return (Some(forbidden(&create)), checks);
+        }
+    }
+    (None, checks)
+}
+
+/// The API proper, and the authorization decisions it made.
+fn answer(shared: &Arc<Shared>, path: &str, req: &ApiRequest) -> (Response<Body>, Vec<AuthzCheck>) {
     let doc = |d: Option<Value>| match d {
         Some(d) => json_response(200, &d),
         None => error_response(&ApiError::no_route(path)),
@@ -277,48 +332,43 @@ fn answer(shared: &Arc<Shared>, path: &str, req: &ApiRequest) -> (Response<Body>
             error_response(&ApiError::method_not_allowed(req.method.as_str()))
         }
     };
+    let none = Vec::new;
     let t = match route(path) {
-        None => return (error_response(&ApiError::no_route(path)), false),
-        Some(Route::Version) => return (get_only(doc(Some(discovery::version()))), false),
+        None => return (error_response(&ApiError::no_route(path)), none()),
+        Some(Route::Version) => return (get_only(doc(Some(discovery::version()))), none()),
         Some(Route::Health) => {
             let mut r = Response::new(Full::new(Bytes::from_static(b"ok")).boxed());
             r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-            return (r, false);
+            return (r, none());
         }
-        Some(Route::CoreVersions) => return (get_only(doc(Some(discovery::core_versions()))), false),
-        Some(Route::GroupList) => return (get_only(doc(Some(discovery::group_list()))), false),
-        Some(Route::Group(g)) => return (get_only(doc(discovery::group(&g))), false),
-        Some(Route::ResourceList(g, v)) => return (get_only(doc(discovery::resource_list(&g, &v))), false),
-        Some(Route::OpenApiIndex) => return (get_only(doc(Some(discovery::openapi_index()))), false),
-        Some(Route::OpenApi(g, v)) => return (get_only(doc(discovery::openapi_group_version(&g, &v))), false),
+        Some(Route::CoreVersions) => return (get_only(doc(Some(discovery::core_versions()))), none()),
+        Some(Route::GroupList) => return (get_only(doc(Some(discovery::group_list()))), none()),
+        Some(Route::Group(g)) => return (get_only(doc(discovery::group(&g))), none()),
+        Some(Route::ResourceList(g, v)) => return (get_only(doc(discovery::resource_list(&g, &v))), none()),
+        Some(Route::OpenApiIndex) => return (get_only(doc(Some(discovery::openapi_index()))), none()),
+        Some(Route::OpenApi(g, v)) => return (get_only(doc(discovery::openapi_group_version(&g, &v))), none()),
         Some(Route::Resource(t)) => t,
     };
     let watching = req.method == Method::GET && watch::requested(req);
     let Some(verb) = verb(&req.method, &t, watching) else {
-        return (error_response(&ApiError::method_not_allowed(req.method.as_str())), false);
+        return (error_response(&ApiError::method_not_allowed(req.method.as_str())), none());
     };
     let rules = shared.control().rbac.clone();
+    let mut checks = Vec::new();
     if let Some(rules) = rules {
-        let attrs = Attributes {
-            verb,
-            resource: t.rt,
-            subresource: t.subresource.as_deref(),
-            namespace: t.namespace.as_deref(),
-            name: t.name.as_deref(),
-        };
-        if !attrs.allowed_by(&rules) {
-            let mut e = ApiError::forbidden(attrs.denial());
-            e.details = Some(serde_json::json!({ "name": t.name.clone().unwrap_or_default(), "kind": t.rt.plural }));
-            return (error_response(&e), true);
+        let (refused, made) = authorize(shared, &rules, &t, verb, req);
+        checks = made;
+        if let Some(r) = refused {
+            return (r, checks);
         }
     }
     if t.rt.review {
         if verb != "create" {
-            return (error_response(&ApiError::method_not_allowed(req.method.as_str())), false);
+            return (error_response(&ApiError::method_not_allowed(req.method.as_str())), checks);
         }
         return match reviews::answer(&shared.control(), t.rt.plural, req) {
-            Ok((code, body)) => (json_response(code, &body), false),
-            Err(e) => (error_response(&e), false),
+            Ok((code, body)) => (json_response(code, &body), checks),
+            Err(e) => (error_response(&e), checks),
         };
     }
     if watching {
@@ -326,15 +376,15 @@ fn answer(shared: &Arc<Shared>, path: &str, req: &ApiRequest) -> (Response<Body>
             Ok(body) => {
                 let mut r = Response::new(body.boxed());
                 r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                (r, false)
+                (r, checks)
             }
-            Err(e) => (error_response(&e), false),
+            Err(e) => (error_response(&e), checks),
         };
     }
     let result = handlers::handle(&mut shared.store(), &t, verb, req);
     match result {
-        Ok((code, body)) => (json_response(code, &body), false),
-        Err(e) => (error_response(&e), false),
+        Ok((code, body)) => (json_response(code, &body), checks),
+        Err(e) => (error_response(&e), checks),
     }
 }
 
