@@ -1,5 +1,5 @@
 //! Command-line flags. The original daemon's flags keep their names and
-//! defaults (docs: COMPAT.md), so the existing DaemonSet works unchanged; the
+//! defaults (docs/compat.md), so the existing DaemonSet works unchanged; the
 //! flags it had that did nothing are accepted and reported once.
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 

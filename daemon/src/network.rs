@@ -44,7 +44,7 @@ pub struct NicConfig {
     pub net_mask: Option<String>,
 }
 
-/// The three states the operator knows (COMPAT.md: reason of
+/// The three states the operator knows (docs/compat.md: reason of
 /// `NodeClientNetworkUnavailable`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum LinkState {

@@ -1,4 +1,4 @@
-//! The kernel as the judge of "taken" (DESIGN.md's definition): TCP port P is
+//! The kernel as the judge of "taken" (docs/design.md's definition): TCP port P is
 //! taken when a SO_REUSEADDR listener on 0.0.0.0:P or [::]:P fails; UDP P is
 //! taken when a UDP bind of 0.0.0.0:P or [::]:P fails. Call it on the thread
 //! (namespace) whose ports are judged. It binds for a moment: ask the daemon

@@ -228,7 +228,7 @@ fn cluster_mode_without_a_node_name_is_a_clear_error() {
     });
 }
 
-/// The operator's reading (COMPAT.md): the union of keys over all nodes'
+/// The operator's reading (docs/compat.md): the union of keys over all nodes'
 /// ConfigMaps is the set of ports taken on any node. Two daemons in two
 /// network namespaces (two hosts) joined by a veth, one fake API server.
 #[test]

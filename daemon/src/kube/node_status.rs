@@ -1,5 +1,5 @@
 //! The node-status writer: the one owner of the conditions this daemon sets
-//! on its own Node (COMPAT.md "Outputs" 3).
+//! on its own Node (docs/compat.md "Outputs" 3).
 //!
 //! The original listed every node and patched 2-4 conditions every 3 s,
 //! resetting `lastTransitionTime` each time. This writer patches only this
@@ -54,13 +54,13 @@ impl Condition {
     }
 }
 
-/// The heartbeat condition (COMPAT.md): always True/Refresh/Refresh; its
+/// The heartbeat condition (docs/compat.md): always True/Refresh/Refresh; its
 /// `lastHeartbeatTime` tells the operator the daemon is alive.
 pub fn refresh_flag() -> Condition {
     Condition::new("NodeRefreshFlag", true, "Refresh", "Refresh")
 }
 
-/// `NodeOobIP` (COMPAT.md): the BMC address when `isCheckOObIP`. Reading it
+/// `NodeOobIP` (docs/compat.md): the BMC address when `isCheckOObIP`. Reading it
 /// needs the IPMI device; until that is implemented, and on hosts without
 /// one, the condition says so (False with a reason), never an empty success.
 pub fn oob_ip() -> Condition {
@@ -76,7 +76,7 @@ pub fn oob_ip() -> Condition {
     }
 }
 
-/// The two conditions the client network's state means (COMPAT.md
+/// The two conditions the client network's state means (docs/compat.md
 /// "Outputs" 3): `NodeClientNetworkUnavailable` (True unless the NIC is up)
 /// and `NodeClientIP` (True with the address, or False with `0.0.0.0`).
 pub fn network_conditions(nic: &str, net: &NetworkState) -> [Condition; 2] {

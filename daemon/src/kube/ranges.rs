@@ -1,5 +1,5 @@
 //! The watched port ranges: the annotations of the operator's
-//! `polardb4mpd-controller` ConfigMap (COMPAT.md "Inputs").
+//! `polardb4mpd-controller` ConfigMap (docs/compat.md "Inputs").
 //!
 //! Every annotation value shaped `a-b`, `a+n` (a and the n ports after it) or
 //! `p` is a range, inclusive at both ends, as the operator reads it

@@ -1,5 +1,5 @@
 //! The cluster's settings for this daemon, from three watched ConfigMaps in
-//! kube-system (COMPAT.md "Inputs"): `ccm-config` (client NIC), the
+//! kube-system (docs/compat.md "Inputs"): `ccm-config` (client NIC), the
 //! operator's `controller-config` (`enablePrintPort`, `isCheckOObIP`) and
 //! `--mpd-controller-cm-name` (the watched port ranges). Each change applies
 //! live. One task owns [`Settings`]; sinks read it through a watch channel.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use regex::Regex;
 
-/// Command-line flags of the log sweeper (COMPAT.md keeps the first two).
+/// Command-line flags of the log sweeper (docs/compat.md keeps the first two).
 #[derive(clap::Args, Debug, Clone)]
 pub struct LogSweepArgs {
     /// Root of the instance log folders (`<dir>/<insId>/...`). Trailing

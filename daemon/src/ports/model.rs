@@ -219,7 +219,7 @@ pub struct Socket {
 }
 
 impl Socket {
-    /// Whether this socket makes its port taken by DESIGN.md's definition:
+    /// Whether this socket makes its port taken by docs/design.md's definition:
     /// a SO_REUSEADDR listener on the wildcard address would fail. The kernel
     /// (inet_bind_conflict) lets such a listener share the port with sockets
     /// that set SO_REUSEADDR themselves and are not listening; every UDP

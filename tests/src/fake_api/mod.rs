@@ -1,7 +1,7 @@
 //! The project's fake Kubernetes API server: what kube-rs and kubectl need of
 //! an apiserver, in-process, over plain HTTP on 127.0.0.1, with failure
 //! injection and a request log for tests. No real apiserver can run here (see
-//! docs/TESTING.md), so this one has to be faithful where clients can tell.
+//! docs/testing.md), so this one has to be faithful where clients can tell.
 //!
 //! ```no_run
 //! use polarstack_tests::fake_api::{FakeApi, Fault};
