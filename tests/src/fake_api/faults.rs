@@ -13,6 +13,9 @@ pub enum FaultAction {
     DropConnection,
     /// Answer normally, this much later.
     Delay(Duration),
+    /// 200 with a body that is not JSON, as a broken proxy in front of the
+    /// apiserver might send.
+    Garbage,
 }
 
 /// A fault: an action, which requests it applies to, and how many times.
@@ -51,6 +54,10 @@ impl Fault {
 
     pub fn drop_connection() -> Self {
         Self::new(FaultAction::DropConnection)
+    }
+
+    pub fn garbage() -> Self {
+        Self::new(FaultAction::Garbage)
     }
 
     pub fn delay(by: Duration) -> Self {

@@ -105,6 +105,9 @@ struct Control {
     down: bool,
     rbac: Option<Vec<RbacRule>>,
     bookmark_interval: Duration,
+    /// Every watch ends this long after it started with an ERROR event (a
+    /// 500 InternalError Status), as a failing apiserver or proxy does.
+    watch_error_after: Option<Duration>,
     /// Token -> user, for TokenReviews.
     users: std::collections::BTreeMap<String, reviews::User>,
     /// Non-resource permissions of users, for SubjectAccessReviews.
@@ -171,6 +174,7 @@ impl FakeApi {
                 down: false,
                 rbac: None,
                 bookmark_interval: Duration::from_secs(5),
+                watch_error_after: None,
                 users: std::collections::BTreeMap::new(),
                 grants: Vec::new(),
             }),
@@ -327,6 +331,14 @@ impl FakeApi {
     /// (default 5 s); applies to watches started afterwards.
     pub fn set_bookmark_interval(&self, every: Duration) {
         self.shared.control().bookmark_interval = every;
+    }
+
+    /// `Some(d)`: every watch started from now on ends after `d` with an
+    /// ERROR event carrying a 500 Status (the client must re-watch); open
+    /// watches are ended at once so they all get it. `None`: no such end.
+    pub fn fail_watches_after(&self, after: Option<Duration>) {
+        self.shared.control().watch_error_after = after;
+        self.end_watches();
     }
 }
 

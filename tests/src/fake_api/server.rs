@@ -237,6 +237,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         Some(FaultAction::TooManyRequests { retry_after_secs }) => {
             error_response(&ApiError::too_many_requests(retry_after_secs))
         }
+        Some(FaultAction::Garbage) => {
+            let mut r = Response::new(Full::new(Bytes::from_static(b"{\"kind\": \x00<html>not json")).boxed());
+            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
         Some(FaultAction::Delay(_)) | None => {
             let (parts, body) = req.into_parts();
             let body = match Limited::new(body, MAX_BODY).collect().await {

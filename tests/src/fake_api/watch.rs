@@ -172,7 +172,10 @@ pub fn start(shared: &Arc<Shared>, t: &Target, req: &ApiRequest) -> Result<Chann
         first.push(bookmark(t.rt, current, true));
     }
     let (tx, rx) = mpsc::channel(64);
-    let interval = shared.control().bookmark_interval;
+    let (interval, error_after) = {
+        let c = shared.control();
+        (c.bookmark_interval, c.watch_error_after)
+    };
     let end = shared.end_watches.subscribe();
     tokio::spawn(async move {
         for l in first {
@@ -182,30 +185,48 @@ pub fn start(shared: &Arc<Shared>, t: &Target, req: &ApiRequest) -> Result<Chann
         }
         if let Some(events) = events {
             let bookmarks = bookmarks.then_some(interval);
-            follow(tx, events, filter, current, timeout, bookmarks, end).await;
+            let ends = Ends { timeout, error_after, all: end };
+            follow(tx, events, filter, current, bookmarks, ends).await;
         }
     });
     Ok(ChannelBody(rx))
 }
 
+/// What ends a watch, besides the client leaving.
+struct Ends {
+    /// The client's `timeoutSeconds`: the stream just ends.
+    timeout: Duration,
+    /// An injected failure: an ERROR event, then the end.
+    error_after: Option<Duration>,
+    /// [`FakeApi::end_watches`](super::FakeApi::end_watches).
+    all: tokio::sync::watch::Receiver<u64>,
+}
+
 /// Sends live events (and bookmarks) until the timeout, the client leaving,
-/// or the end of all watches.
+/// an injected error, or the end of all watches.
 async fn follow(
     tx: mpsc::Sender<Bytes>,
     mut events: broadcast::Receiver<Arc<WatchEvent>>,
     filter: Filter,
     mut seen: u64,
-    timeout: Duration,
     bookmarks: Option<Duration>,
-    mut end: tokio::sync::watch::Receiver<u64>,
+    ends: Ends,
 ) {
+    let Ends { timeout, error_after, all: mut end } = ends;
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
+    let failing = error_after.is_some();
+    let fail_at = tokio::time::sleep(error_after.unwrap_or(timeout));
+    tokio::pin!(fail_at);
     let period = bookmarks.unwrap_or(Duration::from_secs(3600));
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
         let out = tokio::select! {
             _ = &mut deadline => return,
+            _ = &mut fail_at, if failing => {
+                let _ = tx.send(line("ERROR", &ApiError::internal("watch failed (injected)").to_status())).await;
+                return;
+            }
             _ = end.changed() => return,
             _ = tx.closed() => return,
             _ = tick.tick(), if bookmarks.is_some() => bookmark(filter.rt, seen, false),
