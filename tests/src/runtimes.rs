@@ -151,6 +151,25 @@ impl Runtimes {
         }
     }
 
+    /// Stops containerd (SIGTERM, then waits); dockerd loses its containerd.
+    pub fn stop_containerd(&mut self) {
+        if let Some(mut c) = self.containerd.take() {
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) both runtimes: their sockets
+    /// still accept connections, and nothing answers, as a hung runtime does.
+    pub fn freeze(&self, frozen: bool) {
+        let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        for c in [&self.containerd, &self.dockerd].into_iter().flatten() {
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
     pub fn log_text(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
     }
@@ -195,12 +214,10 @@ fn empty_tar() -> Vec<u8> {
 
 impl Drop for Runtimes {
     fn drop(&mut self) {
+        // A frozen runtime would never act on its SIGTERM.
+        self.freeze(false);
         self.stop_dockerd();
-        if let Some(mut c) = self.containerd.take() {
-            // SAFETY: signalling our own child by pid.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let _ = c.wait();
-        }
+        self.stop_containerd();
         // Unmount anything the runtimes left under the dir before it is removed.
         let _ = Command::new("sh")
             .arg("-c")

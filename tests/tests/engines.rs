@@ -185,6 +185,58 @@ fn a_stopped_runtime_makes_versions_unknown_then_recovers() {
     });
 }
 
+/// Hung runtimes (frozen: their sockets accept, nothing answers), then
+/// containerd stopped and restarted: each call gives up after its timeout,
+/// versions turn unknown with the reason, the daemon's own answers stay
+/// prompt, and everything comes back when the runtimes do.
+#[test]
+fn hung_and_restarted_runtimes_degrade_and_recover() {
+    in_new_netns(|| {
+        let Some(mut rt) = runtimes_or_skip() else { return };
+        let api = FakeApi::start();
+        seed_nodes(&api, &["node-a"]);
+        rt.docker_import("polardb/pg_engine:1");
+        rt.ctr_import_from_docker("polardb/pg_engine:1");
+        version_cm(&api, "v1", &[("name", "v1"), ("pgEngineImage", "polardb/pg_engine:1")]);
+        let mut d = start(&api, &rt, 8900, "node-a", &["--cri-poll-interval", "1s"]);
+        wait_versions(&api, &mut d, "node-a", "v1");
+
+        rt.freeze(true);
+        let (code, _) = d.post("/api/v1/InnerCheckCoreVersion").expect("InnerCheckCoreVersion");
+        eprintln!("InnerCheckCoreVersion with hung runtimes: {code}");
+        let unknown = wait_for(Duration::from_secs(30), || status_of(&d, "v1").0 == "unknown");
+        assert!(unknown, "hung runtimes: {}", d.get_ok("/api/v2/engines"));
+        let (_, v1) = status_of(&d, "v1");
+        assert!(v1["reason"].as_str().is_some_and(|r| r.contains("no answer within")), "{v1}");
+        let asked = std::time::Instant::now();
+        for path in ["/api/v2/engines", "/readyz", "/api/v2/ports/5432"] {
+            assert!(d.get(path).is_ok_and(|(c, _)| c == 200), "{path} with hung runtimes");
+        }
+        assert!(asked.elapsed() < Duration::from_secs(2), "answers wait on the runtimes: {:?}", asked.elapsed());
+        assert_eq!(availability(&api, "node-a").map(|a| a.0).as_deref(), Some("v1"), "never silently absent");
+        rt.freeze(false);
+        assert!(wait_for(SOON, || status_of(&d, "v1").0 == "available"), "{}", d.get_ok("/api/v2/engines"));
+
+        // containerd away: dockerd answers on its own; the CRI client does not.
+        rt.stop_containerd();
+        let cri_down = wait_for(SOON, || {
+            d.metrics()
+                .lines()
+                .any(|l| l.starts_with("polarstack_engines_runtime_up{runtime=\"cri\"") && l.ends_with(" 0"))
+        });
+        assert!(cri_down, "{}", d.metrics());
+        assert_eq!(d.get("/healthz").expect("alive").0, 200);
+        rt.start_containerd();
+        let cri_up = wait_for(Duration::from_secs(30), || {
+            d.metrics()
+                .lines()
+                .any(|l| l.starts_with("polarstack_engines_runtime_up{runtime=\"cri\"") && l.ends_with(" 1"))
+        });
+        assert!(cri_up, "{}", d.metrics());
+        assert!(wait_for(SOON, || status_of(&d, "v1").0 == "available"), "{}", d.get_ok("/api/v2/engines"));
+    });
+}
+
 #[test]
 fn a_request_on_one_node_rescans_every_node_and_requests_coalesce() {
     in_new_netns(|| {
