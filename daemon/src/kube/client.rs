@@ -125,6 +125,17 @@ pub async fn call<T>(
 }
 
 /// Short labels for an API call's result, bounded in number.
+/// How long one watch asks to last: what kube-apiserver grants by default
+/// (between its --min-request-timeout of 30 min and twice that), drawn anew
+/// for each watcher so a fleet that starts together renews apart. kube's
+/// default (290 s) would be about a hundred renewals per node per hour
+/// across the daemon's watches; this is a few. Bookmarks (on by default in
+/// the watcher) keep a quiet watch from hitting the client's idle timeout.
+pub fn watch_config() -> kube::runtime::watcher::Config {
+    const MIN_SECS: u32 = 30 * 60;
+    kube::runtime::watcher::Config::default().timeout(MIN_SECS + fastrand::u32(0..MIN_SECS))
+}
+
 pub fn result_label(res: &Result<(), &kube::Error>) -> &'static str {
     match res {
         Ok(()) => "ok",

@@ -16,7 +16,6 @@ use std::{
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     api::{Patch, PatchParams},
-    runtime::watcher,
     Api,
 };
 use serde_json::{json, Map, Value};
@@ -59,7 +58,7 @@ pub fn spawn_versions(
     let (tx, rx) = watch::channel(Vec::new());
     let (synced_tx, synced) = watch::channel(false);
     let api: Api<ConfigMap> = Api::namespaced(client, NAMESPACE);
-    let cfg = watcher::Config::default().labels(labels);
+    let cfg = super::client::watch_config().labels(labels);
     mirror::spawn(tasks, "configmaps/engine-versions", api, cfg, metrics, move || {
         let (tx, synced_tx) = (tx.clone(), synced_tx.clone());
         let mut warned: BTreeSet<(String, String)> = BTreeSet::new();
@@ -205,7 +204,7 @@ async fn follow_requests(
     shutdown: CancellationToken,
 ) {
     let (seen_tx, mut seen) = watch::channel::<Option<Option<String>>>(None);
-    let cfg = watcher::Config::default().fields(&format!("metadata.name={RESCAN_CONFIGMAP}"));
+    let cfg = super::client::watch_config().fields(&format!("metadata.name={RESCAN_CONFIGMAP}"));
     let watch = mirror::run(api, cfg, "configmaps/rescan", metrics, shutdown.clone(), move |view| {
         if !view.synced {
             return;

@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::{runtime::watcher, Api};
+use kube::Api;
 use tokio::sync::watch;
 
 use super::{client::ApiMetrics, mirror};
@@ -72,7 +72,7 @@ pub fn spawn_host_ports(
 ) -> watch::Receiver<ClaimSet> {
     let (tx, rx) = watch::channel(ClaimSet::default());
     let api: Api<Pod> = Api::all(client);
-    let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let cfg = super::client::watch_config().fields(&format!("spec.nodeName={node}"));
     mirror::spawn(tasks, "pods/this-node", api, cfg, metrics, move || {
         let tx = tx.clone();
         move |view| {

@@ -22,7 +22,6 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::runtime::watcher;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::{
@@ -251,7 +250,7 @@ impl Publisher {
         shutdown: CancellationToken,
     ) -> (watch::Receiver<Option<bool>>, impl std::future::Future<Output = ()> + Send + 'static) {
         let (tx, rx) = watch::channel(None);
-        let cfg = watcher::Config::default().fields(&format!("metadata.name={}", self.object.name()));
+        let cfg = super::client::watch_config().fields(&format!("metadata.name={}", self.object.name()));
         let watch = mirror::run(
             self.object.api().clone(),
             cfg,

@@ -6,7 +6,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::api::core::v1::Service;
-use kube::{runtime::watcher, Api};
+use kube::Api;
 use tokio::sync::watch;
 
 use super::{client::ApiMetrics, mirror};
@@ -50,7 +50,7 @@ fn claims_of(services: &BTreeMap<String, Service>) -> BTreeMap<PortKey, Vec<Clai
 pub fn spawn_node_ports(client: kube::Client, metrics: Arc<ApiMetrics>, tasks: &Tasks) -> watch::Receiver<ClaimSet> {
     let (tx, rx) = watch::channel(ClaimSet::default());
     let api: Api<Service> = Api::all(client);
-    mirror::spawn(tasks, "services", api, watcher::Config::default(), metrics, move || {
+    mirror::spawn(tasks, "services", api, super::client::watch_config(), metrics, move || {
         let tx = tx.clone();
         move |view| {
             let next = super::claim_set(&view, claims_of(view.objects));

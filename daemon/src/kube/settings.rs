@@ -9,7 +9,7 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::{runtime::watcher, Api};
+use kube::Api;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -111,7 +111,7 @@ async fn follow(
     ]
     .map(|(input, name)| {
         let api: Api<ConfigMap> = Api::namespaced(client.clone(), NAMESPACE);
-        let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let cfg = super::client::watch_config().fields(&format!("metadata.name={name}"));
         let updates_tx = updates_tx.clone();
         let resource = match input {
             Input::Ccm => "configmaps/ccm-config",
