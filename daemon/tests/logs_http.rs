@@ -11,14 +11,17 @@ mod logs {
     use axum::body::Body;
     use axum::http::{header, Method, Request, StatusCode};
     use polarstack_daemon::http::logs::{routes, HttpSweepPolicy};
-    use polarstack_daemon::logs::{LiveInstances, LiveInstancesError, LogSweepArgs, SweepHandle};
+    use polarstack_daemon::logs::{LiveFuture, LiveInstances, LogSweepArgs, SweepHandle};
     use rustix::fs::{AtFlags, Timespec, Timestamps, CWD};
     use tower::ServiceExt;
 
     struct NoPods;
     impl LiveInstances for NoPods {
-        fn live_ins_ids(&self) -> Result<BTreeSet<String>, LiveInstancesError> {
-            Ok(BTreeSet::new())
+        fn live_ins_ids(&self) -> LiveFuture<'_, BTreeSet<String>> {
+            Box::pin(async { Ok(BTreeSet::new()) })
+        }
+        fn is_live<'a>(&'a self, _: &'a str) -> LiveFuture<'a, bool> {
+            Box::pin(async { Ok(false) })
         }
     }
 
@@ -54,8 +57,11 @@ mod logs {
         fn policy(&self, enabled: bool) -> HttpSweepPolicy {
             HttpSweepPolicy { allow_real_sweeps: enabled, token_file: Some(self.tmp.path().join("token")) }
         }
+        /// Whether the one thing a real sweep removes here is still there:
+        /// the folder's overdue `postgresql*.log` (rule 2; the folder itself
+        /// was written just now, so rule 1 keeps it).
         fn folder_exists(&self) -> bool {
-            self.tmp.path().join("root/42").exists()
+            self.tmp.path().join("root/42/log/postgresql.log").exists()
         }
     }
 

@@ -45,9 +45,9 @@ use tokio_util::sync::CancellationToken;
 pub use self::client::{Access, ApiMetrics, ClientError};
 use self::{
     engines::RescanBus,
+    instances::LiveInsIds,
     node_status::NodeStatusState,
     owned::NodeOwned,
-    instances::LiveInsIds,
     port_usage::{PublishState, Timing},
     settings::Settings,
 };
@@ -201,7 +201,7 @@ pub async fn connect(cfg: ClusterConfig, shutdown: CancellationToken) -> Result<
         settings::spawn(client.clone(), cfg.mpd_controller_cm_name.clone(), metrics.clone(), shutdown.clone());
     let host_ports = pods::spawn_host_ports(client.clone(), &node, metrics.clone(), shutdown.clone());
     let node_ports = services::spawn_node_ports(client.clone(), metrics.clone(), shutdown.clone());
-    let live_instances = LiveInsIds::spawn(client.clone(), metrics.clone(), shutdown.clone());
+    let live_instances = LiveInsIds::new(client.clone(), metrics.clone());
     let (versions, versions_synced) =
         engines::spawn_versions(client.clone(), &cfg.core_version_cm_labels, metrics.clone(), shutdown.clone());
     Ok(Some(Cluster {
