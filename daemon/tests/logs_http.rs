@@ -12,14 +12,17 @@ mod logs {
     use axum::http::{header, Method, Request, StatusCode};
     use polarstack_daemon::http::access::Access;
     use polarstack_daemon::http::logs::{routes, HttpSweepPolicy};
-    use polarstack_daemon::logs::{LiveInstances, LiveInstancesError, LogSweepArgs, SweepHandle};
+    use polarstack_daemon::logs::{LiveFuture, LiveInstances, LogSweepArgs, SweepHandle};
     use rustix::fs::{AtFlags, Timespec, Timestamps, CWD};
     use tower::ServiceExt;
 
     struct NoPods;
     impl LiveInstances for NoPods {
-        fn live_ins_ids(&self) -> Result<BTreeSet<String>, LiveInstancesError> {
-            Ok(BTreeSet::new())
+        fn live_ins_ids(&self) -> LiveFuture<'_, BTreeSet<String>> {
+            Box::pin(async { Ok(BTreeSet::new()) })
+        }
+        fn is_live<'a>(&'a self, _: &'a str) -> LiveFuture<'a, bool> {
+            Box::pin(async { Ok(false) })
         }
     }
 
@@ -58,8 +61,11 @@ mod logs {
         fn access(&self) -> Access {
             Access::new(Some(self.tmp.path().join("token")), None)
         }
+        /// Whether the one thing a real sweep removes here is still there:
+        /// the folder's overdue `postgresql*.log` (rule 2; the folder itself
+        /// was written just now, so rule 1 keeps it).
         fn folder_exists(&self) -> bool {
-            self.tmp.path().join("root/42").exists()
+            self.tmp.path().join("root/42/log/postgresql.log").exists()
         }
     }
 

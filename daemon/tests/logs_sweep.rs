@@ -1,31 +1,48 @@
-//! Log sweeps against real trees under /tmp (issue 6).
+//! Log sweeps against real trees (issue 6; rule 1's age, issue 13).
 //!
 //! Every test builds a tree, sets mtimes explicitly (no timing dependence),
 //! snapshots every path below the temp dir (the root *and* an "outside"
 //! sibling that must never be touched), sweeps, and compares the snapshot
 //! with exactly what should have gone.
+//!
+//! Rule 1 judges a folder by the mtime and the ctime of everything in it,
+//! and a ctime cannot be set back. So a tree that must look old to rule 1 is
+//! built in a staging directory and then sealed (`Tree::seal`): copied into
+//! a loop-mounted ext4 image whose inodes' ctimes were set to their mtimes
+//! offline (`tests/src/aged_fs.rs`). What a test writes after sealing has a
+//! true, fresh ctime, exactly as on a real node.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code: a failure is the test failing")]
+
+#[path = "../../tests/src/aged_fs.rs"]
+mod aged_fs;
 
 // Wrapped in `mod logs` so `cargo test ... logs` selects these tests.
 mod logs {
+    use std::cell::RefCell;
     use std::collections::BTreeSet;
     use std::fs;
     use std::path::{Path, PathBuf};
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
     use polarstack_daemon::logs::{
-        KeepReason, LiveInstances, LiveInstancesError, LogSweepArgs, Rule, Standalone, SweepError, SweepHandle,
-        SweepReport,
+        KeepReason, LiveFuture, LiveInstances, LiveInstancesError, LogSweepArgs, Rule, Standalone, SweepError,
+        SweepHandle, SweepReport,
     };
     use rustix::fs::{AtFlags, Timespec, Timestamps, CWD};
+
+    use super::aged_fs::{settle_dir_times, AgedFs};
 
     const DAY: u64 = 86_400;
     const N: u32 = 3;
 
     struct Tree {
         tmp: tempfile::TempDir,
+        /// Directories whose mtime a test set (the others get their newest
+        /// child's when sealed).
+        aged_dirs: RefCell<BTreeSet<PathBuf>>,
+        sealed: Option<AgedFs>,
     }
 
     impl Tree {
@@ -33,10 +50,21 @@ mod logs {
             let tmp = tempfile::Builder::new().prefix("polarstack-logs-").tempdir_in("/tmp").expect("tempdir");
             fs::create_dir(tmp.path().join("root")).expect("root");
             fs::create_dir(tmp.path().join("outside")).expect("outside");
-            Self { tmp }
+            Self { tmp, aged_dirs: RefCell::new(BTreeSet::new()), sealed: None }
+        }
+        /// Moves the tree built so far onto a filesystem where every entry's
+        /// ctime equals its mtime: it looks written at those times and left
+        /// alone since. Directories take their newest child's mtime unless a
+        /// test aged them. Later writes happen there, with fresh ctimes.
+        fn seal(&mut self) {
+            settle_dir_times(self.tmp.path(), &self.aged_dirs.borrow());
+            self.sealed = Some(AgedFs::seal(self.tmp.path()));
         }
         fn base(&self) -> &Path {
-            self.tmp.path()
+            match &self.sealed {
+                Some(fs) => fs.path(),
+                None => self.tmp.path(),
+            }
         }
         fn root(&self) -> PathBuf {
             self.base().join("root")
@@ -57,11 +85,17 @@ mod logs {
         /// Sets a directory's (or symlink's) own mtime; call after filling it.
         fn age(&self, rel: &str, age_days: u64) {
             set_age(&self.p(rel), age_days);
+            self.aged_dirs.borrow_mut().insert(PathBuf::from(rel));
         }
-        fn symlink(&self, target: &Path, rel: &str) {
+        /// A symlink at `rel` to `target` (relative to the base; "" is the
+        /// base itself), written as a relative link so it points at the same
+        /// place once sealed.
+        fn symlink(&self, target: &str, rel: &str) {
             let p = self.p(rel);
             fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
-            std::os::unix::fs::symlink(target, &p).expect("symlink");
+            let ups = Path::new(rel).parent().map_or(0, |d| d.components().count());
+            let link = format!("{}{target}", "../".repeat(ups));
+            std::os::unix::fs::symlink(link.trim_end_matches('/'), &p).expect("symlink");
         }
         /// Every path below the temp dir, without following symlinks.
         fn snapshot(&self) -> BTreeSet<String> {
@@ -98,20 +132,42 @@ mod logs {
         snap.iter().filter(|p| *p == rel || p.starts_with(&format!("{rel}/"))).cloned().collect()
     }
 
-    struct Owners(BTreeSet<String>);
+    /// Answers from a fixed set of live ids and counts the questions.
+    #[derive(Default)]
+    struct Owners {
+        ids: BTreeSet<String>,
+        lists: AtomicUsize,
+        asked: Mutex<Vec<String>>,
+    }
+    impl Owners {
+        fn of(ids: &[&str]) -> Arc<Self> {
+            Arc::new(Self { ids: ids.iter().map(|s| s.to_string()).collect(), ..Self::default() })
+        }
+        fn asked(&self) -> BTreeSet<String> {
+            self.asked.lock().expect("lock").iter().cloned().collect()
+        }
+    }
     impl LiveInstances for Owners {
-        fn live_ins_ids(&self) -> Result<BTreeSet<String>, LiveInstancesError> {
-            Ok(self.0.clone())
+        fn live_ins_ids(&self) -> LiveFuture<'_, BTreeSet<String>> {
+            self.lists.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Ok(self.ids.clone()) })
+        }
+        fn is_live<'a>(&'a self, ins_id: &'a str) -> LiveFuture<'a, bool> {
+            self.asked.lock().expect("lock").push(ins_id.to_owned());
+            Box::pin(async move { Ok(self.ids.contains(ins_id)) })
         }
     }
     fn owners(ids: &[&str]) -> Arc<dyn LiveInstances> {
-        Arc::new(Owners(ids.iter().map(|s| s.to_string()).collect()))
+        Owners::of(ids)
     }
 
     struct Failing;
     impl LiveInstances for Failing {
-        fn live_ins_ids(&self) -> Result<BTreeSet<String>, LiveInstancesError> {
-            Err(LiveInstancesError::ListFailed { reason: "apiserver unreachable".into() })
+        fn live_ins_ids(&self) -> LiveFuture<'_, BTreeSet<String>> {
+            Box::pin(async { Err(LiveInstancesError::ListFailed { reason: "apiserver unreachable".into() }) })
+        }
+        fn is_live<'a>(&'a self, _: &'a str) -> LiveFuture<'a, bool> {
+            Box::pin(async { panic!("asked about one id after the list failed") })
         }
     }
 
@@ -162,17 +218,24 @@ mod logs {
         t.age("root/1001/rm_data_20991231000000", 1);
         t.file("root/1001/data/rm_data_nested/f", 10, 1);
         t.age("root/1001/data/rm_data_nested", 10);
-        // 1002: no pod, every log old: rule 1.
+        // 1002: no pod, nothing changed for N days: rule 1.
         t.file("root/1002/log/postgresql-a.log", 10, 50);
         t.file("root/1002/log/error.log", 5, 50);
-        t.file("root/1002/data/f", 1, 50);
+        t.file("root/1002/data/f", 10, 50);
         // 1003: no pod, one recent log: kept; rules 2 and 3 inside.
         t.file("root/1003/log/postgresql-old.log", 10, 20);
         t.file("root/1003/log/slow.log", 1, 20);
         t.file("root/1003/rm_data_20240202000000/f", 10, 20);
         t.age("root/1003/rm_data_20240202000000", 10);
-        // 1004: no pod, no log at all: rule 1.
+        // 1004: no pod, no log at all, a data file written today: kept
+        // (rule 1 once removed it, and its data, for want of a `*.log`).
         t.file("root/1004/data/f", 0, 10);
+        // 1005: no pod, old logs beside a fresh data file: kept; rule 2
+        // still takes the old postgresql log.
+        t.file("root/1005/log/postgresql-b.log", 10, 3);
+        t.file("root/1005/data/f", 1, 10);
+        // 1006: no pod, no log, nothing changed for N days: rule 1.
+        t.file("root/1006/data/base/1/16384", 20, 8);
         // Unrelated entries with old logs that must stay.
         t.file("root/lost+found/postgresql-1.log", 30, 10);
         t.file("root/admin/postgresql-2.log", 30, 10);
@@ -191,7 +254,8 @@ mod logs {
             ("root/1002", Rule::InstanceFolder),
             ("root/1003/log/postgresql-old.log", Rule::PostgresqlLog),
             ("root/1003/rm_data_20240202000000", Rule::RmData),
-            ("root/1004", Rule::InstanceFolder),
+            ("root/1005/log/postgresql-b.log", Rule::PostgresqlLog),
+            ("root/1006", Rule::InstanceFolder),
         ]
         .into_iter()
         .map(|(p, r)| (p.to_owned(), r))
@@ -211,10 +275,12 @@ mod logs {
 
     #[tokio::test]
     async fn realistic_tree_each_rule_removes_exactly_its_targets() {
-        let t = Tree::new();
+        let mut t = Tree::new();
         realistic(&t);
+        t.seal();
         let before = t.snapshot();
-        let h = handle(&t.root(), owners(&["1001", "9999"]));
+        let o = Owners::of(&["1001", "9999"]);
+        let h = handle(&t.root(), o.clone());
         let r = h.sweep(false).await.expect("sweep");
         assert!(!r.dry_run);
         assert_eq!(removed(&t, &r), realistic_expected());
@@ -230,6 +296,18 @@ mod logs {
         // Every skip is explained.
         assert_eq!(kept(&t, &r, "root/1001"), Some(KeepReason::OwnedByLivePod));
         assert_eq!(kept(&t, &r, "root/1003"), Some(KeepReason::RecentLog));
+        assert_eq!(kept(&t, &r, "root/1004"), Some(KeepReason::TooRecent));
+        assert_eq!(kept(&t, &r, "root/1005"), Some(KeepReason::TooRecent));
+        let detail = |rel: &str| {
+            let p = t.p(rel).to_string_lossy().into_owned();
+            r.kept.iter().find(|k| k.path == p).and_then(|k| k.detail.clone()).unwrap_or_default()
+        };
+        assert!(detail("root/1004").contains("root/1004/data/f changed 0"), "{}", detail("root/1004"));
+        assert!(detail("root/1003").contains("slow.log changed 1"), "{}", detail("root/1003"));
+        // Ownership: listed once, then asked again only for the folders
+        // about to go.
+        assert_eq!(o.lists.load(Ordering::SeqCst), 1);
+        assert_eq!(o.asked(), ["1002", "1006"].map(String::from).into_iter().collect());
         assert_eq!(kept(&t, &r, "root/lost+found"), Some(KeepReason::NotInstanceId));
         assert_eq!(kept(&t, &r, "root/admin"), Some(KeepReason::NotInstanceId));
         assert_eq!(kept(&t, &r, "root/notes.txt"), Some(KeepReason::NotInstanceId));
@@ -239,7 +317,7 @@ mod logs {
         // Metrics count what went.
         let m = metrics_text(&h);
         assert!(m.contains("# TYPE polarstack_logs_removed_files_total counter"), "{m}");
-        assert!(m.contains("polarstack_logs_removed_bytes_total{rule=\"postgresql_log\"} 127"), "{m}");
+        assert!(m.contains("polarstack_logs_removed_bytes_total{rule=\"postgresql_log\"} 130"), "{m}");
         assert!(m.contains("polarstack_logs_sweep_errors_total 0"), "{m}");
         assert!(!m.contains("polarstack_logs_last_success_timestamp_seconds 0.0\n"), "{m}");
 
@@ -250,8 +328,9 @@ mod logs {
 
     #[tokio::test]
     async fn dry_run_reports_exactly_what_a_real_run_removes() {
-        let t = Tree::new();
+        let mut t = Tree::new();
         realistic(&t);
+        t.seal();
         let before = t.snapshot();
         let h = handle(&t.root(), owners(&["1001"]));
         let dry = h.sweep(true).await.expect("dry");
@@ -270,8 +349,9 @@ mod logs {
 
     #[tokio::test]
     async fn global_dry_run_forces_every_sweep_to_report_only() {
-        let t = Tree::new();
+        let mut t = Tree::new();
         realistic(&t);
+        t.seal();
         let before = t.snapshot();
         let mut a = args(&t.root());
         a.log_sweep_dry_run = true;
@@ -287,9 +367,10 @@ mod logs {
     #[tokio::test]
     async fn zero_pods_still_cleans_podless_folders() {
         // The original never cleaned anything when no DB pod existed.
-        let t = Tree::new();
+        let mut t = Tree::new();
         t.file("root/7/log/postgresql.log", 10, 1);
         t.file("root/8/log/postgresql.log", 10, 1);
+        t.seal();
         let r = handle(&t.root(), owners(&[])).sweep(false).await.expect("sweep");
         assert_eq!(r.removed.len(), 2);
         assert!(!t.p("root/7").exists() && !t.p("root/8").exists());
@@ -298,30 +379,32 @@ mod logs {
 
     #[tokio::test]
     async fn symlinks_are_never_followed() {
-        let t = Tree::new();
+        let mut t = Tree::new();
         // Targets outside the root, all "overdue".
         t.file("outside/victim/postgresql-v.log", 30, 10);
         t.file("outside/victim/rm_data_1/f", 30, 10);
         t.age("outside/victim/rm_data_1", 30);
         t.age("outside/victim", 30);
         t.file("outside/file.log", 30, 10);
-        let victim = t.p("outside/victim");
+        let victim = "outside/victim";
         // 2001: podless, old, with a link out: rule 1 removes the link, not the target.
         t.file("root/2001/log/postgresql.log", 10, 1);
-        t.symlink(&victim, "root/2001/escape");
+        t.symlink(victim, "root/2001/escape");
         t.age("root/2001/escape", 30);
         // 2002: live, with links out, named like rule targets.
         t.file("root/2002/log/postgresql-now.log", 0, 1);
-        t.symlink(&victim, "root/2002/escape");
-        t.symlink(&victim, "root/2002/rm_data_20200101000000");
+        t.symlink(victim, "root/2002/escape");
+        t.symlink(victim, "root/2002/rm_data_20200101000000");
         t.age("root/2002/rm_data_20200101000000", 30);
-        t.symlink(&t.p("outside/file.log"), "root/2002/log/postgresql-link.log");
+        t.symlink("outside/file.log", "root/2002/log/postgresql-link.log");
         t.age("root/2002/log/postgresql-link.log", 30);
         // 3001: a symlinked instance folder (podless, old target).
-        t.symlink(&victim, "root/3001");
+        t.symlink(victim, "root/3001");
         t.age("root/3001", 30);
         // 3002: a symlink to the root's parent.
-        t.symlink(t.base(), "root/3002");
+        t.symlink("", "root/3002");
+        t.seal();
+        assert!(t.p("root/2001/escape/postgresql-v.log").exists(), "the links point into the sealed tree");
         let outside_before = subtree(&t.snapshot(), "outside");
         let h = handle(&t.root(), owners(&["2002"]));
         let r = h.sweep(false).await.expect("sweep");
@@ -356,9 +439,10 @@ mod logs {
 
     #[tokio::test]
     async fn custom_pattern_is_honoured() {
-        let t = Tree::new();
+        let mut t = Tree::new();
         t.file("root/pi-123/log/postgresql.log", 30, 1);
         t.file("root/123/log/postgresql.log", 30, 1);
+        t.seal();
         let mut a = args(&t.root());
         a.ins_id_pattern = "^pi-[0-9]+$".into();
         let r = SweepHandle::new(a, owners(&[])).expect("args").sweep(false).await.expect("sweep");
@@ -388,18 +472,20 @@ mod logs {
 
     #[tokio::test]
     async fn bind_mounts_are_never_crossed() {
-        let t = Tree::new();
+        let mut t = Tree::new();
         t.file("outside/mnt/postgresql-m.log", 30, 10);
         t.file("outside/mnt/rm_data_1/f", 30, 10);
         t.age("outside/mnt/rm_data_1", 30);
         // 4001: podless, old, a bind mount inside (same filesystem: same st_dev).
         t.file("root/4001/log/postgresql.log", 10, 1);
         t.dir("root/4001/mnt");
+        t.age("root/4001/mnt", 10);
         // 4002: a top-level bind mount named like an instance.
         t.dir("root/4002");
         // 4003: live, bind mount inside holding overdue logs.
         t.file("root/4003/log/postgresql-now.log", 0, 1);
         t.dir("root/4003/data");
+        t.seal();
         let src = t.p("outside/mnt");
         let Some(_m1) = BindMount::new(&src, &t.p("root/4001/mnt")) else {
             eprintln!("SKIP: mount --bind unavailable (not root?)");
@@ -426,8 +512,9 @@ mod logs {
     async fn trailing_slash_and_relative_root_do_not_change_behaviour() {
         let mut reports = Vec::new();
         for form in ["plain", "slash", "dotted", "relative"] {
-            let t = Tree::new();
+            let mut t = Tree::new();
             realistic(&t);
+            t.seal();
             let root = t.root();
             let flag = match form {
                 "plain" => root.clone(),
@@ -471,8 +558,9 @@ mod logs {
     #[tokio::test]
     async fn failed_pod_list_disables_rule_1_only() {
         for source in ["failing", "standalone"] {
-            let t = Tree::new();
+            let mut t = Tree::new();
             realistic(&t);
+            t.seal();
             let before = t.snapshot();
             let o: Arc<dyn LiveInstances> = if source == "failing" { Arc::new(Failing) } else { Arc::new(Standalone) };
             let r = handle(&t.root(), o).sweep(false).await.expect("sweep");
@@ -483,73 +571,124 @@ mod logs {
             expected.insert(("root/1002/log/postgresql-a.log".into(), Rule::PostgresqlLog));
             assert_eq!(removed(&t, &r), expected, "{source}");
             assert_eq!(t.snapshot(), minus(&before, &expected), "{source}");
-            for id in ["1001", "1002", "1003", "1004"] {
+            for id in ["1001", "1002", "1003", "1004", "1005", "1006"] {
                 assert_eq!(kept(&t, &r, &format!("root/{id}")), Some(KeepReason::OwnershipUnknown), "{source} {id}");
             }
             assert!(r.errors.iter().any(|e| e.error.contains("rule 1")), "{:?}", r.errors);
         }
     }
 
-    /// Answers "no pods" the first time, then writes a fresh log into every
-    /// podless folder on the re-check the sweeper makes right before deleting:
-    /// a deterministic "log appeared during the sweep".
+    /// Lists no pods, then, on the re-check the sweeper makes right before
+    /// deleting, writes a fresh file into the folder and answers "still no
+    /// pod": a deterministic "something was written during the sweep".
     struct WritesDuringSweep {
-        calls: AtomicUsize,
-        folders: Vec<PathBuf>,
+        file: PathBuf,
     }
     impl LiveInstances for WritesDuringSweep {
-        fn live_ins_ids(&self) -> Result<BTreeSet<String>, LiveInstancesError> {
-            if self.calls.fetch_add(1, Ordering::SeqCst) > 0 {
-                for f in &self.folders {
-                    let _ = fs::write(f.join("log/postgresql-new.log"), b"started");
-                }
-            }
-            Ok(BTreeSet::new())
+        fn live_ins_ids(&self) -> LiveFuture<'_, BTreeSet<String>> {
+            Box::pin(async { Ok(BTreeSet::new()) })
+        }
+        fn is_live<'a>(&'a self, _: &'a str) -> LiveFuture<'a, bool> {
+            fs::write(&self.file, b"started").expect("write during the sweep");
+            Box::pin(async { Ok(false) })
         }
     }
 
     #[tokio::test]
-    async fn folder_that_gains_a_recent_log_during_the_sweep_is_kept() {
-        let t = Tree::new();
-        t.file("root/6001/log/postgresql-old.log", 10, 1);
-        t.file("root/6001/data/f", 10, 1);
-        let before = t.snapshot();
-        let o = Arc::new(WritesDuringSweep { calls: AtomicUsize::new(0), folders: vec![t.p("root/6001")] });
-        let r = handle(&t.root(), o).sweep(false).await.expect("sweep");
-        assert_eq!(kept(&t, &r, "root/6001"), Some(KeepReason::RecentLogAppeared));
-        let mut after = before.clone();
-        after.insert("root/6001/log/postgresql-new.log".into());
-        // Rule 2 still removes the overdue log; the folder and its data stay.
-        after.remove("root/6001/log/postgresql-old.log");
-        assert_eq!(t.snapshot(), after);
+    async fn folder_that_gains_a_recent_entry_during_the_sweep_is_kept() {
+        for (new, reason) in
+            [("log/postgresql-new.log", KeepReason::RecentLogAppeared), ("data/new.dat", KeepReason::Changed)]
+        {
+            let mut t = Tree::new();
+            t.file("root/6001/log/postgresql-old.log", 10, 1);
+            t.file("root/6001/data/f", 10, 1);
+            t.seal();
+            let before = t.snapshot();
+            let o = Arc::new(WritesDuringSweep { file: t.p("root/6001").join(new) });
+            let r = handle(&t.root(), o).sweep(false).await.expect("sweep");
+            assert_eq!(kept(&t, &r, "root/6001"), Some(reason), "{new}");
+            let mut after = before.clone();
+            after.insert(format!("root/6001/{new}"));
+            // Rule 2 still removes the overdue log; the folder and its data stay.
+            after.remove("root/6001/log/postgresql-old.log");
+            assert_eq!(t.snapshot(), after, "{new}");
+        }
     }
 
-    /// A pod for the folder appears between the decision and the deletion.
-    struct PodAppears(AtomicUsize);
+    /// A pod for the folder appears between the listing and the deletion.
+    struct PodAppears;
     impl LiveInstances for PodAppears {
-        fn live_ins_ids(&self) -> Result<BTreeSet<String>, LiveInstancesError> {
-            if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
-                Ok(BTreeSet::new())
-            } else {
-                Ok(["6002".to_owned()].into_iter().collect())
-            }
+        fn live_ins_ids(&self) -> LiveFuture<'_, BTreeSet<String>> {
+            Box::pin(async { Ok(BTreeSet::new()) })
+        }
+        fn is_live<'a>(&'a self, ins_id: &'a str) -> LiveFuture<'a, bool> {
+            Box::pin(async move { Ok(ins_id == "6002") })
         }
     }
 
     #[tokio::test]
     async fn folder_whose_pod_appears_during_the_sweep_is_kept() {
-        let t = Tree::new();
+        let mut t = Tree::new();
         t.file("root/6002/data/f", 10, 1);
+        t.file("root/6003/data/f", 10, 1);
+        t.seal();
         let before = t.snapshot();
-        let r = handle(&t.root(), Arc::new(PodAppears(AtomicUsize::new(0)))).sweep(false).await.expect("sweep");
+        let r = handle(&t.root(), Arc::new(PodAppears)).sweep(false).await.expect("sweep");
         assert_eq!(kept(&t, &r, "root/6002"), Some(KeepReason::OwnedByLivePod));
-        assert_eq!(t.snapshot(), before);
+        assert_eq!(removed(&t, &r), [("root/6003".to_owned(), Rule::InstanceFolder)].into_iter().collect());
+        assert_eq!(t.snapshot(), minus(&before, &removed(&t, &r)));
+    }
+
+    /// The re-check right before removal fails: that folder stays (and says
+    /// why), the others still go, and rules 2 and 3 run inside it.
+    struct RecheckFails;
+    impl LiveInstances for RecheckFails {
+        fn live_ins_ids(&self) -> LiveFuture<'_, BTreeSet<String>> {
+            Box::pin(async { Ok(BTreeSet::new()) })
+        }
+        fn is_live<'a>(&'a self, ins_id: &'a str) -> LiveFuture<'a, bool> {
+            Box::pin(async move {
+                if ins_id == "6004" {
+                    Err(LiveInstancesError::ListFailed { reason: "the API server answered 500".into() })
+                } else {
+                    Ok(false)
+                }
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_recheck_keeps_the_folder_and_says_why() {
+        let mut t = Tree::new();
+        t.file("root/6004/log/postgresql-old.log", 10, 1);
+        t.file("root/6004/rm_data_20200101000000/f", 10, 1);
+        t.age("root/6004/rm_data_20200101000000", 10);
+        t.file("root/6005/data/f", 10, 1);
+        t.seal();
+        let r = handle(&t.root(), Arc::new(RecheckFails)).sweep(false).await.expect("sweep");
+        assert_eq!(kept(&t, &r, "root/6004"), Some(KeepReason::OwnershipUnknown));
+        let want: BTreeSet<_> = [
+            ("root/6004/log/postgresql-old.log", Rule::PostgresqlLog),
+            ("root/6004/rm_data_20200101000000", Rule::RmData),
+            ("root/6005", Rule::InstanceFolder),
+        ]
+        .into_iter()
+        .map(|(p, r)| (p.to_owned(), r))
+        .collect();
+        assert_eq!(removed(&t, &r), want);
+        assert!(t.p("root/6004/log").is_dir());
+        assert!(
+            r.errors.iter().any(|e| t.rel(&e.path) == "root/6004" && e.error.contains("500")),
+            "the report says why: {:?}",
+            r.errors
+        );
     }
 
     #[tokio::test]
     async fn concurrent_sweeps_queue_and_both_answer() {
-        let t = Tree::new();
+        let mut t = Tree::new();
         realistic(&t);
+        t.seal();
         let h = handle(&t.root(), owners(&["1001"]));
         let (a, b) = tokio::join!(h.sweep(false), h.sweep(false));
         let (a, b) = (a.expect("a"), b.expect("b"));
@@ -598,5 +737,153 @@ mod logs {
                 _ => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         }
+    }
+
+    /// Rule 1 judges a folder by when anything in it last changed (mtime or
+    /// ctime, the folder itself and every entry of any kind below it), not
+    /// by its `*.log` files alone.
+    #[tokio::test]
+    async fn young_podless_folders_are_kept_whatever_they_hold() {
+        let mut t = Tree::new();
+        // Written long ago and left alone: these go.
+        t.file("root/2104/log/postgresql-1.log", 10, 5);
+        t.file("root/2104/data/base/1/16384", 20, 5);
+        t.file("outside/backup/2105/log/postgresql-1.log", 10, 5);
+        t.file("outside/backup/2105/data/base/1/16384", 20, 5);
+        t.file("root/2106/a/b/c/d/e/old.dat", 10, 5);
+        t.file("root/2107/data/f", 10, 5);
+        t.file("root/2108/data/f", 10, 5);
+        t.file("root/2109/data/f", 10, 5);
+        t.file("root/2103/log/postgresql-1.log", 10, 5);
+        t.file("root/2103/log/error.log", 10, 5);
+        t.seal();
+        // Created today, before its pod, with no files at all yet.
+        t.dir("root/2101/data");
+        t.dir("root/2101/log");
+        // Logging to `.csv` only.
+        t.file("root/2102/log/postgresql-2026-12-01.csv", 0, 5);
+        // Old logs (sealed above) beside a data file written today.
+        t.file("root/2103/data/base/1/16384", 0, 5);
+        // Restored today with `cp -p`: every mtime old, every ctime now.
+        let cp = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(t.p("outside/backup/2105"))
+            .arg(t.p("root/2105"))
+            .status()
+            .expect("cp");
+        assert!(cp.success());
+        // One new file six levels down in an old tree.
+        fs::write(t.p("root/2106/a/b/c/d/e/new.dat"), b"x").expect("write");
+        // Only a status change today: a chmod.
+        fs::set_permissions(t.p("root/2107/data/f"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+        // Only a new symlink.
+        std::os::unix::fs::symlink("f", t.p("root/2108/data/link")).expect("symlink");
+        // 2109: an empty new subdirectory.
+        t.dir("root/2109/data/new");
+        let before = t.snapshot();
+        let o = Owners::of(&[]);
+        let r = handle(&t.root(), o.clone()).sweep(false).await.expect("sweep");
+
+        // Rule 2 still takes the old `postgresql*.log` files in the folders
+        // that stay (it judges each file by its mtime, as the original).
+        let want: BTreeSet<_> = [
+            ("root/2104", Rule::InstanceFolder),
+            ("root/2103/log/postgresql-1.log", Rule::PostgresqlLog),
+            ("root/2105/log/postgresql-1.log", Rule::PostgresqlLog),
+        ]
+        .into_iter()
+        .map(|(p, r)| (p.to_owned(), r))
+        .collect();
+        assert_eq!(removed(&t, &r), want);
+        assert_eq!(t.snapshot(), minus(&before, &want));
+        for id in ["2101", "2102", "2103", "2106", "2107", "2108", "2109"] {
+            assert_eq!(kept(&t, &r, &format!("root/{id}")), Some(KeepReason::TooRecent), "{id}: {:?}", r.kept);
+        }
+        // In the restored copy everything is fresh: the first entry found
+        // names the reason, a `*.log` or not (directory order).
+        let restored = kept(&t, &r, "root/2105");
+        assert!(matches!(restored, Some(KeepReason::TooRecent | KeepReason::RecentLog)), "{restored:?}");
+        let detail = |rel: &str| {
+            let p = t.p(rel).to_string_lossy().into_owned();
+            r.kept.iter().find(|k| k.path == p).and_then(|k| k.detail.clone()).unwrap_or_default()
+        };
+        // The restore is told apart: old mtimes, fresh ctime.
+        assert!(detail("root/2105").contains("ctime; its mtime is"), "{}", detail("root/2105"));
+        assert!(detail("root/2106").contains("new.dat"), "{}", detail("root/2106"));
+        // Only the folder about to go was asked about again.
+        assert_eq!(o.asked(), ["2104".to_owned()].into_iter().collect());
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+    }
+
+    #[tokio::test]
+    async fn no_candidate_folders_no_ownership_questions() {
+        let mut t = Tree::new();
+        t.file("root/admin/postgresql-1.log", 30, 1);
+        t.file("root/notes.txt", 30, 1);
+        t.seal();
+        let o = Owners::of(&[]);
+        let r = handle(&t.root(), o.clone()).sweep(false).await.expect("sweep");
+        assert!(r.removed.is_empty());
+        assert_eq!(o.lists.load(Ordering::SeqCst), 0, "nothing to ask about");
+        assert!(o.asked().is_empty());
+    }
+
+    /// Shutdown during a large removal: it stops between two entries within
+    /// about 100 ms, and what is left is a consistent tree (every remaining
+    /// entry whole, nothing half-removed) that a later sweep can finish.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancellation_stops_a_large_removal_promptly() {
+        const DIRS: usize = 50;
+        const FILES: usize = 1000;
+        let t = Tree::new();
+        let rm = "root/9001/rm_data_20200101000000";
+        for d in 0..DIRS {
+            let dir = t.p(&format!("{rm}/d{d:03}"));
+            fs::create_dir_all(&dir).expect("mkdir");
+            for f in 0..FILES {
+                fs::write(dir.join(format!("{f:04}")), b"0123456789").expect("write");
+            }
+        }
+        t.age(rm, 10);
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let mut a = args(&t.root());
+        a.log_sweep_interval = Duration::from_secs(1);
+        let h = polarstack_daemon::logs::spawn(a, owners(&["9001"]), shutdown.clone()).expect("spawn");
+        // Wait until the removal is under way (some first-level dirs gone).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let left = || fs::read_dir(t.p(rm)).map(|d| d.count()).unwrap_or(0);
+        while left() > DIRS - 3 {
+            assert!(Instant::now() < deadline, "the removal never started");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let cancelled = Instant::now();
+        shutdown.cancel();
+        while h.last_report().is_none() {
+            assert!(cancelled.elapsed() < Duration::from_secs(10), "the sweep did not stop");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let took = cancelled.elapsed();
+        eprintln!("removal of {} files stopped {took:?} after the cancel", DIRS * FILES);
+        assert!(took < Duration::from_millis(300), "stopped {took:?} after the cancel");
+        let r = h.last_report().expect("report");
+        assert!(r.removed.is_empty(), "{:?}", r.removed);
+        let k = r.kept.iter().find(|k| t.rel(&k.path) == rm).expect("the folder is reported");
+        assert_eq!(k.reason, KeepReason::Cancelled);
+        assert!(k.detail.as_deref().is_some_and(|d| d.contains("partially removed")), "{k:?}");
+        assert!(r.errors.is_empty(), "a stop is not an error: {:?}", r.errors);
+        // Consistent: what is left is whole, directories and files alike.
+        let snap = subtree(&t.snapshot(), rm);
+        let is_file = |p: &&String| p.matches('/').count() == 4;
+        let files = snap.iter().filter(is_file).count();
+        assert!(files > 0 && files < DIRS * FILES, "{files} files left");
+        for p in snap.iter().filter(is_file) {
+            assert_eq!(fs::read(t.p(p)).expect("a whole file"), b"0123456789");
+        }
+        // A later sweep, N days on (aged by hand), finishes the job.
+        t.age(rm, 10);
+        let again = handle(&t.root(), owners(&["9001"])).sweep(false).await.expect("sweep");
+        assert_eq!(removed(&t, &again), [(rm.to_owned(), Rule::RmData)].into_iter().collect());
+        assert!(!t.p(rm).exists());
     }
 }

@@ -20,6 +20,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+pub mod aged_fs;
 pub mod cluster;
 pub mod fake_api;
 pub mod operator;
@@ -175,6 +176,12 @@ impl Daemon {
         let status = resp.status().as_u16();
         let text = resp.body_mut().read_to_string().context("read body")?;
         Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+
+    /// The exit status, once the process has exited (it stays reaped here,
+    /// so [`Daemon::log_text`] still reads its log).
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
     pub fn get_ok(&self, path: &str) -> Value {

@@ -421,6 +421,83 @@ fn list_with_selectors_and_paging() {
     assert_eq!(ns_pods["items"].as_array().map(Vec::len), Some(2));
 }
 
+/// Paginated lists as the apiserver serves them: every page of one list is
+/// read at the first page's resourceVersion (what is written meanwhile shows
+/// up in no later page), the token carries it, and the parameter rules and
+/// errors are the apiserver's.
+#[test]
+fn paginated_lists_are_consistent_snapshots() {
+    let api = FakeApi::start();
+    let http = Http::new(&api);
+    for i in 0..5 {
+        api.put(node(&format!("n{i}"), json!({ "role": "db" })));
+    }
+    let at = api.resource_version();
+    let page = |q: &str| -> (Vec<String>, Value) {
+        let (code, list) = http.get(&format!("/api/v1/nodes?{q}"));
+        assert_eq!(code, 200, "{q}: {list}");
+        let names = list["items"]
+            .as_array()
+            .map(|i| i.iter().map(|o| o["metadata"]["name"].as_str().unwrap_or("?").to_string()).collect())
+            .unwrap_or_default();
+        (names, list["metadata"].clone())
+    };
+    let (first, meta) = page("limit=2&labelSelector=role");
+    assert_eq!(first, ["n0", "n1"]);
+    assert_eq!(meta["resourceVersion"], at.to_string());
+    assert!(meta.get("remainingItemCount").is_none(), "unknown with a selector: {meta}");
+    let token = meta["continue"].as_str().expect("continue").to_string();
+
+    // Written after the first page: a new object (sorts into the rest), one
+    // changed, one deleted. The rest of the list still shows the snapshot.
+    api.put(node("n25", json!({ "role": "db" })));
+    api.put(node("n3", json!({ "role": "db", "changed": "yes" })));
+    api.delete("nodes", None, "n4");
+    let (second, meta) = page(&format!("limit=2&labelSelector=role&continue={token}"));
+    assert_eq!(second, ["n2", "n3"]);
+    assert_eq!(meta["resourceVersion"], at.to_string(), "every page at the first page's version");
+    let token2 = meta["continue"].as_str().expect("continue").to_string();
+    let (_, list) = http.get(&format!("/api/v1/nodes?limit=2&labelSelector=role&continue={token}"));
+    assert!(list["items"][1]["metadata"]["labels"].get("changed").is_none(), "n3 as it was: {list}");
+    let (third, meta) = page(&format!("limit=2&labelSelector=role&continue={token2}"));
+    assert_eq!(third, ["n4"], "deleted later, still in the snapshot");
+    assert!(meta.get("continue").is_none_or(|c| c.as_str() == Some("")), "last page: {meta}");
+    // A new list sees the changes.
+    assert_eq!(page("").0, ["n0", "n1", "n2", "n25", "n3"]);
+    let (_, meta) = page("limit=4");
+    assert_eq!(meta["remainingItemCount"], 1, "known without selectors");
+    assert_eq!(
+        page(&format!("limit=10&resourceVersion={at}&resourceVersionMatch=Exact")).0,
+        ["n0", "n1", "n2", "n3", "n4"]
+    );
+
+    // The parameter rules.
+    for (q, code, reason) in [
+        (format!("limit=2&continue={token}&resourceVersion={at}"), 400, "BadRequest"),
+        (format!("limit=2&continue={token}&resourceVersion=0"), 400, "BadRequest"),
+        (format!("limit=2&continue={token}&resourceVersionMatch=NotOlderThan"), 422, "Invalid"),
+        ("limit=2&continue=not-a-token".to_string(), 400, "BadRequest"),
+        ("limit=2&continue=7b7d".to_string(), 400, "BadRequest"),
+        ("resourceVersionMatch=NotOlderThan".to_string(), 422, "Invalid"),
+        ("resourceVersion=0&resourceVersionMatch=Exact".to_string(), 422, "Invalid"),
+        ("resourceVersion=abc".to_string(), 400, "BadRequest"),
+        (format!("resourceVersion={}&resourceVersionMatch=NotOlderThan", at + 100), 504, "Timeout"),
+    ] {
+        let (got, body) = http.get(&format!("/api/v1/nodes?{q}"));
+        assert_eq!(got, code, "{q}: {body}");
+        assert_status(&body, code, reason);
+    }
+
+    // Once the writes since the snapshot are compacted away, its token is
+    // too old: 410 Expired, and a new list starts over.
+    api.compact();
+    let (code, body) = http.get(&format!("/api/v1/nodes?limit=2&labelSelector=role&continue={token}"));
+    assert_eq!(code, 410, "{body}");
+    assert_status(&body, 410, "Expired");
+    assert!(body["message"].as_str().is_some_and(|m| m.contains("continue parameter is too old")), "{body}");
+    assert_eq!(page("limit=2&resourceVersion=0&resourceVersionMatch=NotOlderThan").0, ["n0", "n1"]);
+}
+
 /// A watch read on its own thread: lines arrive on a channel.
 struct Watch {
     lines: mpsc::Receiver<Value>,

@@ -8,8 +8,9 @@
 //! resumes from the last resourceVersion it saw (and the server replays
 //! every change since, deletions included) or, when that is too old, lists
 //! again. So `synced`, once true, stays true, and changes keep flowing to the
-//! callback after an error; `healthy` tells whether the watch is currently
-//! failing, for consumers that must not act on a late copy.
+//! callback after an error. (Nothing that must not act on a late copy reads
+//! a mirror: the live instance ids, which must be fresh, are asked of the API
+//! server instead, `instances.rs`.)
 use std::{collections::BTreeMap, sync::Arc};
 
 use futures_util::StreamExt as _;
@@ -28,8 +29,6 @@ use crate::tasks::Tasks;
 pub struct View<'a, K> {
     pub objects: &'a BTreeMap<String, K>,
     pub synced: bool,
-    /// False from a watch error until the next event or list arrives.
-    pub healthy: bool,
     /// The API server refused the list or watch (RBAC): it will not come by
     /// waiting. The reason, while it lasts.
     pub forbidden: Option<&'a str>,
@@ -108,19 +107,19 @@ pub async fn run<K>(
                 synced = true;
                 healthy = true;
                 refused = None;
-                on_change(View { objects: &objects, synced, healthy, forbidden: None });
+                on_change(View { objects: &objects, synced, forbidden: None });
             }
             Ok(watcher::Event::Apply(o)) => {
                 objects.insert(key(&o), o);
                 healthy = true;
                 refused = None;
-                on_change(View { objects: &objects, synced, healthy, forbidden: None });
+                on_change(View { objects: &objects, synced, forbidden: None });
             }
             Ok(watcher::Event::Delete(o)) => {
                 objects.remove(&key(&o));
                 healthy = true;
                 refused = None;
-                on_change(View { objects: &objects, synced, healthy, forbidden: None });
+                on_change(View { objects: &objects, synced, forbidden: None });
             }
             Err(e) => {
                 metrics.watch_error(resource);
@@ -129,7 +128,7 @@ pub async fn run<K>(
                 if healthy || now_refused != refused {
                     healthy = false;
                     refused = now_refused;
-                    on_change(View { objects: &objects, synced, healthy, forbidden: refused.as_deref() });
+                    on_change(View { objects: &objects, synced, forbidden: refused.as_deref() });
                 }
             }
         }

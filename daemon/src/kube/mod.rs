@@ -200,7 +200,7 @@ pub async fn connect(cfg: ClusterConfig, tasks: &Tasks) -> Result<Option<Cluster
     let settings = settings::spawn(client.clone(), cfg.mpd_controller_cm_name.clone(), metrics.clone(), tasks);
     let host_ports = pods::spawn_host_ports(client.clone(), &node, metrics.clone(), tasks);
     let node_ports = services::spawn_node_ports(client.clone(), metrics.clone(), tasks);
-    let live_instances = LiveInsIds::spawn(client.clone(), metrics.clone(), tasks.shutdown());
+    let live_instances = LiveInsIds::new(client.clone(), metrics.clone());
     let (versions, versions_synced) =
         engines::spawn_versions(client.clone(), &cfg.core_version_cm_labels, metrics.clone(), tasks);
     Ok(Some(Cluster {

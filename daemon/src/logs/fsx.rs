@@ -38,8 +38,13 @@ pub(crate) struct Meta {
     /// Mount id, when the kernel reports it (`STATX_MNT_ID`, Linux 5.8+).
     pub mnt_id: Option<u64>,
     pub size: u64,
-    /// Modification time in nanoseconds since the Unix epoch.
+    /// Hard links to the inode.
+    pub nlink: u32,
+    /// Modification time (content) in nanoseconds since the Unix epoch.
     pub mtime_ns: i128,
+    /// Status change time (content, links, owner, mode, rename; set by the
+    /// kernel, never by `utimensat`), in nanoseconds since the Unix epoch.
+    pub ctime_ns: i128,
 }
 
 /// The entry kinds the rules distinguish.
@@ -63,6 +68,13 @@ impl Meta {
     pub(crate) fn mount(&self) -> MountIdentity {
         MountIdentity { dev: self.dev, mnt_id: self.mnt_id }
     }
+
+    /// When this entry last changed in any way: the later of its mtime and
+    /// its ctime. A copy that keeps old mtimes (`cp -p`, `rsync -a`, a
+    /// restore) still gets a fresh ctime, which no system call can set back.
+    pub(crate) fn changed_ns(&self) -> i128 {
+        self.mtime_ns.max(self.ctime_ns)
+    }
 }
 
 impl MountIdentity {
@@ -77,8 +89,17 @@ impl MountIdentity {
     }
 }
 
-const STATX_MASK: StatxFlags =
-    StatxFlags::TYPE.union(StatxFlags::INO).union(StatxFlags::SIZE).union(StatxFlags::MTIME).union(StatxFlags::MNT_ID);
+const STATX_MASK: StatxFlags = StatxFlags::TYPE
+    .union(StatxFlags::INO)
+    .union(StatxFlags::NLINK)
+    .union(StatxFlags::SIZE)
+    .union(StatxFlags::MTIME)
+    .union(StatxFlags::CTIME)
+    .union(StatxFlags::MNT_ID);
+
+fn ns(t: rustix::fs::StatxTimestamp) -> i128 {
+    i128::from(t.tv_sec) * 1_000_000_000 + i128::from(t.tv_nsec)
+}
 
 fn meta_from(st: rustix::fs::Statx) -> Meta {
     let kind = match FileType::from_raw_mode(u32::from(st.stx_mode)) {
@@ -93,8 +114,10 @@ fn meta_from(st: rustix::fs::Statx) -> Meta {
         dev: (st.stx_dev_major, st.stx_dev_minor),
         ino: st.stx_ino,
         mnt_id,
+        nlink: st.stx_nlink,
         size: st.stx_size,
-        mtime_ns: i128::from(st.stx_mtime.tv_sec) * 1_000_000_000 + i128::from(st.stx_mtime.tv_nsec),
+        mtime_ns: ns(st.stx_mtime),
+        ctime_ns: ns(st.stx_ctime),
     }
 }
 

@@ -1,7 +1,7 @@
 //! The sweeper's handle: schedule, on-demand sweeps, last report, metrics.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -10,7 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{LogSweepArgs, LogSweepConfigError, SweepConfig};
 use super::report::{unix_seconds, Rule, SweepReport};
-use super::{sweep, LiveInstances, SweepError};
+use super::sweep::{self, Cancel};
+use super::{LiveInstances, SweepError};
 use crate::telemetry::{counter, counter_by, gauge};
 
 /// Delay of the first scheduled sweep: soon enough to show a report shortly
@@ -29,7 +30,7 @@ struct Inner {
     /// One sweep at a time: concurrent requests queue here.
     running: tokio::sync::Mutex<()>,
     last: Mutex<Option<Arc<SweepReport>>>,
-    cancel: Arc<AtomicBool>,
+    cancel: Arc<Cancel>,
     metrics: Metrics,
 }
 
@@ -63,7 +64,7 @@ impl SweepHandle {
                 owners,
                 running: tokio::sync::Mutex::new(()),
                 last: Mutex::new(None),
-                cancel: Arc::new(AtomicBool::new(false)),
+                cancel: Arc::new(Cancel::default()),
                 metrics: Metrics::default(),
             }),
         })
@@ -79,7 +80,7 @@ impl SweepHandle {
     /// sweep could not start (root missing or unreadable, shutting down):
     /// nothing was deleted, and the failure is also the last report.
     pub async fn sweep(&self, dry_run: bool) -> Result<SweepReport, SweepError> {
-        if self.inner.cancel.load(Ordering::Relaxed) {
+        if self.inner.cancel.is_cancelled() {
             return Err(SweepError::ShuttingDown);
         }
         let _one_at_a_time = self.inner.running.lock().await;
@@ -176,8 +177,9 @@ impl SweepHandle {
 
 /// Starts the sweeper with its schedule: a first sweep shortly after start
 /// (30 s, or one interval if shorter), then one every `--log-sweep-interval`.
-/// `shutdown` being cancelled stops the schedule
-/// and makes a running sweep stop at the next folder; later on-demand sweeps
+/// `shutdown` being cancelled stops the schedule and makes a running sweep
+/// (scheduled or on demand) stop within milliseconds: between two entries of
+/// a removal, or while it waits on the API server. Later on-demand sweeps
 /// answer [`SweepError::ShuttingDown`]. Must be called inside a tokio runtime.
 pub fn spawn(
     args: LogSweepArgs,
@@ -194,12 +196,12 @@ pub fn spawn(
             tokio::select! {
                 () = tokio::time::sleep_until(next) => {}
                 () = shutdown.cancelled() => {
-                    cancel.store(true, Ordering::Relaxed);
+                    cancel.cancel();
                     break;
                 }
             }
             // The sweep runs inside the select so shutdown can cancel it; the
-            // cancel flag makes its blocking workers stop at the next folder.
+            // cancel flag makes its blocking workers stop at the next entry.
             let sweep = scheduled.sweep(false);
             tokio::pin!(sweep);
             tokio::select! {
@@ -209,7 +211,7 @@ pub fn spawn(
                     }
                 }
                 () = shutdown.cancelled() => {
-                    cancel.store(true, Ordering::Relaxed);
+                    cancel.cancel();
                     let _ = sweep.await;
                     break;
                 }

@@ -4,11 +4,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-/// Which of the three rules (COMPAT.md "Log cleaning") removed an entry.
+/// Which of the three rules (docs/compat.md "Log cleaning") removed an entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Rule {
-    /// Rule 1: an instance folder no pod owns, with no recent `*.log`.
+    /// Rule 1: an instance folder no pod owns, in which nothing (the folder
+    /// itself included) changed for N days.
     InstanceFolder,
     /// Rule 2: an overdue `postgresql*.log`.
     PostgresqlLog,
@@ -53,10 +54,11 @@ pub enum KeepReason {
     NotADirectory,
     /// A pod carrying this insId exists.
     OwnedByLivePod,
-    /// Instance ownership could not be established (pod list failed, or
-    /// standalone mode): rule 1 deletes nothing.
+    /// Instance ownership could not be established (the pod list or the
+    /// re-check of this one insId right before removal failed, or standalone
+    /// mode): rule 1 deletes nothing.
     OwnershipUnknown,
-    /// A `*.log` below the folder is newer than N days.
+    /// A `*.log` below the folder changed (mtime or ctime) within N days.
     RecentLog,
     /// A recent `*.log` appeared between the decision and the deletion.
     RecentLogAppeared,
@@ -64,11 +66,16 @@ pub enum KeepReason {
     ContainsMountPoint,
     /// Listing or examining the folder failed: fail closed.
     Unreadable,
-    /// The entry changed while being examined.
+    /// The entry changed while being examined (for an instance folder:
+    /// something below it changed between the decision and the deletion).
     Changed,
-    /// An `rm_data_*` folder not yet N days old.
+    /// Not yet N days old: an `rm_data_*` folder by its mtime; an instance
+    /// folder when it, or any entry of any kind below it, was modified or
+    /// changed (mtime or ctime) within N days.
     TooRecent,
-    /// The sweep was cancelled (shutdown) before this entry was handled.
+    /// The sweep was cancelled (shutdown) before or while this entry was
+    /// handled; a removal under way stopped between two entries, so what is
+    /// left is a consistent, partly removed tree.
     Cancelled,
 }
 
@@ -78,7 +85,8 @@ pub struct RemovedEntry {
     pub path: String,
     pub rule: Rule,
     /// Age in days of what the rule judged (the file or folder mtime; for an
-    /// instance folder, its newest `*.log`, or the folder itself if none).
+    /// instance folder, the newest change, mtime or ctime, of the folder or
+    /// of anything below it).
     pub age_days: f64,
     /// Apparent size of every regular file removed.
     pub bytes: u64,

@@ -2,12 +2,19 @@
 //!
 //! Layout of the work: the root is resolved and opened once; its listing is
 //! classified (only directories named like an instance id, on the root's own
-//! mount, are candidates); each candidate folder is then handled by one
-//! blocking task, at most `concurrency` at a time. Within a folder, rule 1
-//! (the whole folder) is decided first; if it does not apply, one walk applies
-//! rules 3 (`rm_data_*` children) and 2 (`postgresql*.log` anywhere below).
+//! mount, are candidates); if there are any, the live instance ids are asked
+//! once; then each candidate folder is handled by one task, at most
+//! `concurrency` at a time. The filesystem work of a task runs on the
+//! blocking pool, its one API question (rule 1's re-check) stays async in
+//! between, so no blocking thread ever waits on the network.
+//!
+//! Within a folder, rule 1 (the whole folder) is decided first: no pod in the
+//! listing, nothing below changed for N days, then (async) no pod now, then
+//! nothing changed since the first look, then removal. If it does not apply,
+//! one walk applies rules 3 (`rm_data_*` children) and 2 (`postgresql*.log`
+//! anywhere below).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::{CStr, CString, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -19,15 +26,51 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use rustix::io::Errno;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use super::config::SweepConfig;
 use super::fsx::{self, Kind, Meta, MountIdentity, OpenDirError, MAX_DEPTH};
 use super::report::{unix_seconds, KeepReason, KeptEntry, RemovedEntry, Rule, SweepIssue, SweepReport};
-use super::{LiveInstances, SweepError};
+use super::{LiveFuture, LiveInstances, SweepError};
 
 const NS_PER_DAY: i128 = 86_400 * 1_000_000_000;
 
-/// Everything a blocking worker needs, shared by all of them.
+/// A stop request for running sweeps (shutdown). The blocking workers poll
+/// the flag between any two entries they look at or remove, the async parts
+/// (API questions) wait on the token; both are set together.
+#[derive(Default)]
+pub(crate) struct Cancel {
+    flag: AtomicBool,
+    token: CancellationToken,
+}
+
+impl Cancel {
+    pub(crate) fn cancel(&self) {
+        self.flag.store(true, Ordering::Relaxed);
+        self.token.cancel();
+    }
+
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
+
+    /// Waits for an ownership answer, unless the sweep is cancelled first.
+    async fn ask<T>(&self, question: LiveFuture<'_, T>) -> Result<T, Asked> {
+        tokio::select! {
+            biased;
+            () = self.token.cancelled() => Err(Asked::Cancelled),
+            answer = question => answer.map_err(|e| Asked::Failed(e.to_string())),
+        }
+    }
+}
+
+/// Why an ownership question has no answer.
+enum Asked {
+    Cancelled,
+    Failed(String),
+}
+
+/// Everything a worker needs, shared by all of them.
 struct Ctx {
     root_fd: OwnedFd,
     root_path: PathBuf,
@@ -35,8 +78,9 @@ struct Ctx {
     now_ns: i128,
     cutoff_ns: i128,
     dry_run: bool,
-    cancel: Arc<AtomicBool>,
+    cancel: Arc<Cancel>,
     owners: Arc<dyn LiveInstances>,
+    /// The live ids listed at the start of the sweep, or why not.
     live: Result<BTreeSet<String>, String>,
 }
 
@@ -56,6 +100,12 @@ impl Outcome {
     fn error(&mut self, path: String, error: String) {
         tracing::warn!(path, error, "log sweep: error (nothing deleted for it)");
         self.errors.push(SweepIssue { path, error });
+    }
+    /// The outcome of a task that failed outright (nothing was decided).
+    fn failed(path: String, what: String) -> Self {
+        let mut out = Outcome::default();
+        out.error(path, what);
+        out
     }
     fn merge(&mut self, other: Outcome) {
         self.removed.extend(other.removed);
@@ -77,7 +127,7 @@ pub(crate) async fn run(
     owners: Arc<dyn LiveInstances>,
     dry_run: bool,
     forced_dry_run: bool,
-    cancel: Arc<AtomicBool>,
+    cancel: Arc<Cancel>,
 ) -> (SweepReport, Option<SweepError>) {
     let started = SystemTime::now();
     let clock = Instant::now();
@@ -101,25 +151,45 @@ pub(crate) async fn run(
 
     let root_flag = cfg.root_flag.clone();
     let ins_id = cfg.ins_id.clone();
-    let prepared =
-        tokio::task::spawn_blocking(move || prepare(&root_flag, &ins_id, owners, now_ns, cutoff_ns, dry_run, cancel))
-            .await;
-    let (ctx, candidates, mut outcome) = match prepared {
+    let (root, candidates, mut outcome) = match blocking(move || prepare(&root_flag, &ins_id)).await {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => return finish(report, clock, Some(e)),
-        Err(join) => {
-            let e = SweepError::Internal { what: format!("sweep task failed: {join}") };
-            return finish(report, clock, Some(e));
+        Err(what) => return finish(report, clock, Some(SweepError::Internal { what })),
+    };
+    report.root = root.path.to_string_lossy().into_owned();
+
+    // Ownership, asked only when some folder could depend on it. A failed
+    // list disables rule 1 for this sweep; the next sweep asks again.
+    let live = if candidates.is_empty() {
+        Ok(BTreeSet::new())
+    } else {
+        match cancel.ask(owners.live_ins_ids()).await {
+            Ok(ids) => Ok(ids),
+            // Every folder is then kept as cancelled, below.
+            Err(Asked::Cancelled) => Err("sweep cancelled".to_owned()),
+            Err(Asked::Failed(why)) => {
+                outcome.error(report.root.clone(), format!("rule 1 (instance folders) skipped: {why}"));
+                Err(why)
+            }
         }
     };
-    report.root = ctx.root_path.to_string_lossy().into_owned();
-    let ctx = Arc::new(ctx);
+    let ctx = Arc::new(Ctx {
+        root_fd: root.fd,
+        root_path: root.path,
+        root_mount: root.mount,
+        now_ns,
+        cutoff_ns,
+        dry_run,
+        cancel,
+        owners,
+        live,
+    });
 
     let permits = Arc::new(Semaphore::new(cfg.concurrency));
     let mut workers = JoinSet::new();
     for cand in candidates {
         let path = display(&ctx.root_path, Path::new(&cand.name));
-        if ctx.cancel.load(Ordering::Relaxed) {
+        if ctx.cancel.is_cancelled() {
             outcome.keep(path, KeepReason::Cancelled, None);
             continue;
         }
@@ -128,9 +198,9 @@ pub(crate) async fn run(
             continue;
         };
         let ctx = Arc::clone(&ctx);
-        workers.spawn_blocking(move || {
+        workers.spawn(async move {
             let _permit = permit;
-            sweep_instance(&ctx, &cand)
+            sweep_folder(ctx, cand).await
         });
     }
     while let Some(done) = workers.join_next().await {
@@ -143,6 +213,11 @@ pub(crate) async fn run(
     report.kept = outcome.kept;
     report.errors = outcome.errors;
     finish(report, clock, None)
+}
+
+/// Runs filesystem work on the blocking pool.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(work).await.map_err(|join| format!("sweep task failed: {join}"))
 }
 
 fn finish(mut report: SweepReport, clock: Instant, err: Option<SweepError>) -> (SweepReport, Option<SweepError>) {
@@ -164,19 +239,18 @@ pub(crate) fn resolve_root(flag: &Path) -> std::io::Result<PathBuf> {
     abs.canonicalize()
 }
 
-type Prepared = (Ctx, Vec<Candidate>, Outcome);
+/// The opened root.
+struct Root {
+    fd: OwnedFd,
+    path: PathBuf,
+    mount: MountIdentity,
+}
 
-/// Opens the root, asks who owns instances and classifies the top level. Any
-/// failure here deletes nothing.
-fn prepare(
-    root_flag: &Path,
-    ins_id: &regex::Regex,
-    owners: Arc<dyn LiveInstances>,
-    now_ns: i128,
-    cutoff_ns: i128,
-    dry_run: bool,
-    cancel: Arc<AtomicBool>,
-) -> Result<Prepared, SweepError> {
+type Prepared = (Root, Vec<Candidate>, Outcome);
+
+/// Opens the root and classifies the top level. Any failure here deletes
+/// nothing.
+fn prepare(root_flag: &Path, ins_id: &regex::Regex) -> Result<Prepared, SweepError> {
     let root_path = resolve_root(root_flag)
         .map_err(|source| SweepError::RootUnavailable { root: root_flag.to_path_buf(), source })?;
     if root_path.parent().is_none() {
@@ -187,17 +261,12 @@ fn prepare(
     let names = fsx::list(root_fd.as_fd())
         .map_err(|e| SweepError::RootUnreadable { root: root_path.clone(), source: e.into() })?;
     let mut outcome = Outcome::default();
-    let live = owners.live_ins_ids().map_err(|e| e.to_string());
-    if let Err(why) = &live {
-        outcome.error(root_path.to_string_lossy().into_owned(), format!("rule 1 (instance folders) skipped: {why}"));
-    }
-    let ctx =
-        Ctx { root_fd, root_path, root_mount: root_meta.mount(), now_ns, cutoff_ns, dry_run, cancel, owners, live };
+    let root = Root { fd: root_fd, path: root_path, mount: root_meta.mount() };
     let mut candidates = Vec::new();
     for cname in names {
         let rel = rel_path(Path::new(""), &cname);
-        let path = display(&ctx.root_path, &rel);
-        let meta = match fsx::stat_at(ctx.root_fd.as_fd(), &cname) {
+        let path = display(&root.path, &rel);
+        let meta = match fsx::stat_at(root.fd.as_fd(), &cname) {
             Ok(m) => m,
             Err(Errno::NOENT) => continue,
             Err(e) => {
@@ -222,13 +291,13 @@ fn prepare(
             outcome.keep(path, KeepReason::NotADirectory, None);
             continue;
         }
-        if ctx.root_mount.differs(&meta) {
+        if root.mount.differs(&meta) {
             outcome.keep(path, KeepReason::MountPoint, None);
             continue;
         }
         candidates.push(Candidate { name: name.to_owned(), meta });
     }
-    Ok((ctx, candidates, outcome))
+    Ok((root, candidates, outcome))
 }
 
 fn rel_path(parent: &Path, name: &CStr) -> PathBuf {
@@ -239,13 +308,14 @@ fn display(root: &Path, rel: &Path) -> String {
     root.join(rel).to_string_lossy().into_owned()
 }
 
-fn age_days(ctx: &Ctx, mtime_ns: i128) -> f64 {
-    let days = (ctx.now_ns - mtime_ns) as f64 / NS_PER_DAY as f64;
+fn age_days(ctx: &Ctx, ns: i128) -> f64 {
+    let days = (ctx.now_ns - ns) as f64 / NS_PER_DAY as f64;
     (days * 100.0).round() / 100.0
 }
 
-fn is_overdue(ctx: &Ctx, mtime_ns: i128) -> bool {
-    mtime_ns < ctx.cutoff_ns
+/// Older than N days (`ns` an mtime, or a change time).
+fn is_overdue(ctx: &Ctx, ns: i128) -> bool {
+    ns < ctx.cutoff_ns
 }
 
 fn is_log(name: &CStr) -> bool {
@@ -288,57 +358,114 @@ fn open_dir_keep(
 }
 
 /// Handles one instance folder: rule 1, else rules 3 and 2 inside it.
-fn sweep_instance(ctx: &Ctx, cand: &Candidate) -> Outcome {
+async fn sweep_folder(ctx: Arc<Ctx>, cand: Candidate) -> Outcome {
+    let path = display(&ctx.root_path, Path::new(&cand.name));
+    let c = Arc::clone(&ctx);
+    let pending = match blocking(move || examine(&c, cand)).await {
+        Ok(Step::Done(out)) => return out,
+        Ok(Step::Ask(pending)) => pending,
+        Err(what) => return Outcome::failed(path, what),
+    };
+    // Fresh, for this one id: a pod may have been created since the list.
+    let verdict = ctx.cancel.ask(ctx.owners.is_live(&pending.cand.name)).await;
+    let c = Arc::clone(&ctx);
+    match blocking(move || finish_rule1(&c, pending, verdict)).await {
+        Ok(out) => out,
+        Err(what) => Outcome::failed(path, what),
+    }
+}
+
+/// What the first look at a folder decided.
+enum Step {
+    /// Rule 1 does not apply (and rules 3 and 2 ran), or the folder cannot
+    /// be handled.
+    Done(Outcome),
+    /// Rule 1 may apply: ask whether a pod carries the id now.
+    Ask(Pending),
+}
+
+/// A folder rule 1 may remove, held open across the API question.
+struct Pending {
+    cand: Candidate,
+    fd: OwnedFd,
+    out: Outcome,
+}
+
+/// First look: the listing's ownership, then the folder's age.
+fn examine(ctx: &Ctx, cand: Candidate) -> Step {
     let mut out = Outcome::default();
     let rel = PathBuf::from(&cand.name);
     let path = display(&ctx.root_path, &rel);
     let Ok(cname) = CString::new(cand.name.as_bytes()) else {
         out.keep(path, KeepReason::NotInstanceId, None);
-        return out;
+        return Step::Done(out);
     };
-    let root = ctx.root_fd.as_fd();
-    let Some(fd) = open_dir_keep(&mut out, root, &cname, &path, ctx.root_mount, &cand.meta) else {
-        return out;
+    let Some(fd) = open_dir_keep(&mut out, ctx.root_fd.as_fd(), &cname, &path, ctx.root_mount, &cand.meta) else {
+        return Step::Done(out);
     };
-
     match &ctx.live {
+        Err(_) if ctx.cancel.is_cancelled() => {
+            out.keep(path, KeepReason::Cancelled, None);
+            return Step::Done(out);
+        }
         Err(why) => out.keep(path.clone(), KeepReason::OwnershipUnknown, Some(why.clone())),
         Ok(live) if live.contains(&cand.name) => out.keep(path.clone(), KeepReason::OwnedByLivePod, None),
         Ok(_) => {
-            if rule1(ctx, &mut out, &cname, &rel, &path, fd.as_fd(), &cand.meta) {
+            if scan(ctx, fd.as_fd(), &rel, true).decide(ctx, &mut out, &path, false) {
+                return Step::Ask(Pending { cand, fd, out });
+            }
+        }
+    }
+    if !ctx.cancel.is_cancelled() {
+        walk_rules(ctx, &mut out, fd.as_fd(), &rel, 1);
+    }
+    Step::Done(out)
+}
+
+/// After the API answered (or failed): remove the folder, or keep it and
+/// apply rules 3 and 2 inside.
+fn finish_rule1(ctx: &Ctx, pending: Pending, verdict: Result<bool, Asked>) -> Outcome {
+    let Pending { cand, fd, mut out } = pending;
+    let rel = PathBuf::from(&cand.name);
+    let path = display(&ctx.root_path, &rel);
+    match verdict {
+        Err(Asked::Cancelled) => {
+            out.keep(path, KeepReason::Cancelled, None);
+            return out;
+        }
+        Err(Asked::Failed(why)) => {
+            out.error(path.clone(), format!("rule 1: could not ask whether a pod carries {}: {why}", cand.name));
+            out.keep(path.clone(), KeepReason::OwnershipUnknown, Some(format!("re-check before removal: {why}")));
+        }
+        Ok(true) => {
+            out.keep(path.clone(), KeepReason::OwnedByLivePod, Some("pod appeared during the sweep".into()));
+        }
+        Ok(false) => {
+            let Ok(cname) = CString::new(cand.name.as_bytes()) else {
+                out.keep(path, KeepReason::NotInstanceId, None);
+                return out;
+            };
+            if remove_instance(ctx, &mut out, &cname, &rel, &path, fd.as_fd()) {
                 return out;
             }
         }
     }
-    walk_rules(ctx, &mut out, fd.as_fd(), &rel, 1);
+    if !ctx.cancel.is_cancelled() {
+        walk_rules(ctx, &mut out, fd.as_fd(), &rel, 1);
+    }
     out
 }
 
-/// Rule 1. Returns true when the folder was removed (or would be, in a dry
-/// run), i.e. when rules 2 and 3 have nothing left to do.
-fn rule1(ctx: &Ctx, out: &mut Outcome, cname: &CStr, rel: &Path, path: &str, fd: BorrowedFd<'_>, meta: &Meta) -> bool {
-    let first = scan(ctx, fd, rel, true);
-    if !first.decide(ctx, out, path, KeepReason::RecentLog) {
-        return false;
-    }
-    // Re-check ownership and recency immediately before deleting: a pod may
-    // have been scheduled, or a log written, since the sweep started.
-    match ctx.owners.live_ins_ids() {
-        Err(e) => {
-            out.keep(path.to_owned(), KeepReason::OwnershipUnknown, Some(e.to_string()));
-            return false;
-        }
-        Ok(live) if rel.to_str().is_some_and(|n| live.contains(n)) => {
-            out.keep(path.to_owned(), KeepReason::OwnedByLivePod, Some("pod appeared during the sweep".into()));
-            return false;
-        }
-        Ok(_) => {}
-    }
+/// Rule 1's last steps: recency again (something may have been written
+/// while the API answered), then the removal. Returns true when the folder
+/// was removed (or would be, in a dry run), i.e. when rules 2 and 3 have
+/// nothing left to do.
+fn remove_instance(ctx: &Ctx, out: &mut Outcome, cname: &CStr, rel: &Path, path: &str, fd: BorrowedFd<'_>) -> bool {
     let second = scan(ctx, fd, rel, true);
-    if !second.decide(ctx, out, path, KeepReason::RecentLogAppeared) {
+    if !second.decide(ctx, out, path, true) {
         return false;
     }
-    let age = age_days(ctx, second.newest_log_ns.unwrap_or(meta.mtime_ns));
+    let age = age_days(ctx, second.newest_ns);
     if ctx.dry_run {
         removed(ctx, out, path, Rule::InstanceFolder, age, second.bytes, second.entries + 1);
         return true;
@@ -353,18 +480,35 @@ fn rule1(ctx: &Ctx, out: &mut Outcome, cname: &CStr, rel: &Path, path: &str, fd:
             true
         }
         Err(e) => {
-            out.error(
-                path.to_owned(),
-                format!("partially removed ({} entries, {} bytes): {e}", stats.entries, stats.bytes),
-            );
             let reason = match e {
-                RemoveError::RecentLog(_) | RemoveError::Io(_, Errno::NOTEMPTY) => KeepReason::RecentLogAppeared,
+                RemoveError::Recent { log: true, .. } => KeepReason::RecentLogAppeared,
+                RemoveError::Recent { log: false, .. } | RemoveError::Io(_, Errno::NOTEMPTY) => KeepReason::Changed,
                 RemoveError::Open(_, OpenDirError::MountPoint) => KeepReason::ContainsMountPoint,
+                RemoveError::Cancelled => KeepReason::Cancelled,
                 _ => KeepReason::Changed,
             };
-            out.keep(path.to_owned(), reason, Some("deletion stopped; the rest is kept".into()));
+            stopped(out, path, &stats, &e, reason);
             false
         }
+    }
+}
+
+/// Reports a removal that stopped part way: what went, why it stopped, and
+/// that the rest is kept as it is.
+fn stopped(out: &mut Outcome, path: &str, stats: &Removal, e: &RemoveError, reason: KeepReason) {
+    let what = format!("partially removed ({} entries, {} bytes): {e}", stats.entries, stats.bytes);
+    if matches!(e, RemoveError::Cancelled) {
+        // Not an error: shutdown stopped it between two entries.
+        tracing::warn!(
+            path,
+            entries = stats.entries,
+            bytes = stats.bytes,
+            "log sweep: removal stopped by shutdown; the rest is kept"
+        );
+        out.keep(path.to_owned(), reason, Some(format!("{what}; the rest is kept")));
+    } else {
+        out.error(path.to_owned(), what);
+        out.keep(path.to_owned(), reason, Some("deletion stopped; the rest is kept".into()));
     }
 }
 
@@ -376,18 +520,29 @@ fn removed(ctx: &Ctx, out: &mut Outcome, path: &str, rule: Rule, age_days: f64, 
 /// What a read-only walk of a subtree found.
 #[derive(Default)]
 struct Scan {
-    newest_log_ns: Option<i128>,
+    /// Newest change (mtime or ctime) of the subtree's root and of every
+    /// entry walked below it (only when judging age).
+    newest_ns: i128,
     bytes: u64,
     entries: u64,
     /// Set when the subtree must not be removed (mount point inside, listing
     /// error, too deep, cancelled).
     blocked: Option<(KeepReason, String)>,
-    recent_log: Option<String>,
+    /// The first entry found that changed within N days; the walk stops there.
+    recent: Option<Recent>,
+}
+
+/// An entry that changed within N days.
+struct Recent {
+    path: String,
+    log: bool,
+    meta: Meta,
 }
 
 impl Scan {
     /// Records why the subtree is kept, if it is; true when it may go.
-    fn decide(&self, ctx: &Ctx, out: &mut Outcome, path: &str, recent: KeepReason) -> bool {
+    /// `again`: this is the re-check right before deleting.
+    fn decide(&self, ctx: &Ctx, out: &mut Outcome, path: &str, again: bool) -> bool {
         if let Some((reason, detail)) = &self.blocked {
             if *reason == KeepReason::Unreadable {
                 out.error(path.to_owned(), detail.clone());
@@ -395,28 +550,63 @@ impl Scan {
             out.keep(path.to_owned(), *reason, Some(detail.clone()));
             return false;
         }
-        if let (Some(log), Some(ns)) = (&self.recent_log, self.newest_log_ns) {
-            let detail = format!("{log} is {} days old", age_days(ctx, ns));
-            out.keep(path.to_owned(), recent, Some(detail));
-            return false;
+        let Some(recent) = &self.recent else { return true };
+        let reason = match (again, recent.log) {
+            (false, true) => KeepReason::RecentLog,
+            (false, false) => KeepReason::TooRecent,
+            (true, true) => KeepReason::RecentLogAppeared,
+            (true, false) => KeepReason::Changed,
+        };
+        let who = if recent.path == path { "the folder itself".to_owned() } else { recent.path.clone() };
+        let m = &recent.meta;
+        let mut detail = format!("{who} changed {} days ago", age_days(ctx, m.changed_ns()));
+        if is_overdue(ctx, m.mtime_ns) {
+            // Old content, fresh status change: a copy or restore that kept
+            // mtimes (`cp -p`, `tar x`), a chmod or chown, a rename.
+            detail.push_str(&format!(" (ctime; its mtime is {} days old)", age_days(ctx, m.mtime_ns)));
         }
-        true
+        out.keep(path.to_owned(), reason, Some(detail));
+        false
     }
 }
 
-/// Walks a subtree read-only. With `logs`, notes the newest `*.log` and stops
-/// at the first recent one (the folder is kept anyway).
-fn scan(ctx: &Ctx, dir: BorrowedFd<'_>, rel: &Path, logs: bool) -> Scan {
+/// Walks a subtree read-only. With `judge_age`, looks at the change times
+/// (mtime and ctime) of the subtree's root and of every entry of any kind
+/// below it, and stops at the first that is within N days (the folder is
+/// kept anyway).
+fn scan(ctx: &Ctx, dir: BorrowedFd<'_>, rel: &Path, judge_age: bool) -> Scan {
     let mut s = Scan::default();
-    scan_into(ctx, dir, rel, 1, logs, &mut s);
+    if judge_age {
+        match fsx::stat_fd(dir) {
+            Ok(own) => {
+                s.newest_ns = own.changed_ns();
+                if !is_overdue(ctx, own.changed_ns()) {
+                    let own = Recent { path: display(&ctx.root_path, rel), log: false, meta: own };
+                    s.recent = Some(explain(ctx, dir, rel, 1).unwrap_or(own));
+                    return s;
+                }
+            }
+            Err(e) => {
+                let detail = format!("{}: stat: {e}", display(&ctx.root_path, rel));
+                s.blocked = Some((KeepReason::Unreadable, detail));
+                return s;
+            }
+        }
+    }
+    scan_into(ctx, dir, rel, 1, judge_age, &mut s);
     s
 }
 
-fn scan_into(ctx: &Ctx, dir: BorrowedFd<'_>, rel: &Path, depth: usize, logs: bool, s: &mut Scan) {
-    if ctx.cancel.load(Ordering::Relaxed) {
-        s.blocked = Some((KeepReason::Cancelled, "sweep cancelled".into()));
-        return;
-    }
+/// For a directory that changed within N days: the first entry below it
+/// that did too, the deepest along the way (a directory changes when an
+/// entry is added or removed, so this usually names the file that did it).
+fn explain(ctx: &Ctx, dir: BorrowedFd<'_>, rel: &Path, depth: usize) -> Option<Recent> {
+    let mut inner = Scan::default();
+    scan_into(ctx, dir, rel, depth, true, &mut inner);
+    inner.recent
+}
+
+fn scan_into(ctx: &Ctx, dir: BorrowedFd<'_>, rel: &Path, depth: usize, judge_age: bool, s: &mut Scan) {
     if depth > MAX_DEPTH {
         s.blocked =
             Some((KeepReason::Unreadable, format!("{}: deeper than {MAX_DEPTH} levels", display(&ctx.root_path, rel))));
@@ -430,6 +620,10 @@ fn scan_into(ctx: &Ctx, dir: BorrowedFd<'_>, rel: &Path, depth: usize, logs: boo
         }
     };
     for name in names {
+        if ctx.cancel.is_cancelled() {
+            s.blocked = Some((KeepReason::Cancelled, "sweep cancelled".into()));
+            return;
+        }
         let child = rel_path(rel, &name);
         let meta = match fsx::stat_at(dir, &name) {
             Ok(m) => m,
@@ -440,42 +634,48 @@ fn scan_into(ctx: &Ctx, dir: BorrowedFd<'_>, rel: &Path, depth: usize, logs: boo
             }
         };
         s.entries += 1;
-        match meta.kind {
-            Kind::File => {
-                s.bytes += meta.size;
-                if logs && is_log(&name) {
-                    s.newest_log_ns = Some(s.newest_log_ns.map_or(meta.mtime_ns, |n| n.max(meta.mtime_ns)));
-                    if !is_overdue(ctx, meta.mtime_ns) {
-                        s.newest_log_ns = Some(meta.mtime_ns);
-                        s.recent_log = Some(display(&ctx.root_path, &child));
-                        return;
-                    }
+        if meta.kind == Kind::File {
+            s.bytes += meta.size;
+        }
+        let recent = judge_age && !is_overdue(ctx, meta.changed_ns());
+        if judge_age {
+            s.newest_ns = s.newest_ns.max(meta.changed_ns());
+        }
+        if recent && meta.kind != Kind::Dir {
+            let log = meta.kind == Kind::File && is_log(&name);
+            s.recent = Some(Recent { path: display(&ctx.root_path, &child), log, meta });
+            return;
+        }
+        if meta.kind != Kind::Dir {
+            continue;
+        }
+        match fsx::open_child_dir(dir, &name, ctx.root_mount, Some(&meta)) {
+            Ok((fd, _)) if recent => {
+                let own = Recent { path: display(&ctx.root_path, &child), log: false, meta };
+                s.recent = Some(explain(ctx, fd.as_fd(), &child, depth + 1).unwrap_or(own));
+                return;
+            }
+            Ok((fd, _)) => {
+                scan_into(ctx, fd.as_fd(), &child, depth + 1, judge_age, s);
+                if s.blocked.is_some() || s.recent.is_some() {
+                    return;
                 }
             }
-            Kind::Dir => match fsx::open_child_dir(dir, &name, ctx.root_mount, Some(&meta)) {
-                Ok((fd, _)) => {
-                    scan_into(ctx, fd.as_fd(), &child, depth + 1, logs, s);
-                    if s.blocked.is_some() || s.recent_log.is_some() {
-                        return;
-                    }
-                }
-                Err(OpenDirError::MountPoint) => {
-                    s.blocked = Some((
-                        KeepReason::ContainsMountPoint,
-                        format!("{} is a mount point", display(&ctx.root_path, &child)),
-                    ));
-                    return;
-                }
-                Err(e) => {
-                    let reason = match e {
-                        OpenDirError::Io(_) => KeepReason::Unreadable,
-                        _ => KeepReason::Changed,
-                    };
-                    s.blocked = Some((reason, format!("{}: {e}", display(&ctx.root_path, &child))));
-                    return;
-                }
-            },
-            Kind::Symlink | Kind::Other => {}
+            Err(OpenDirError::MountPoint) => {
+                s.blocked = Some((
+                    KeepReason::ContainsMountPoint,
+                    format!("{} is a mount point", display(&ctx.root_path, &child)),
+                ));
+                return;
+            }
+            Err(e) => {
+                let reason = match e {
+                    OpenDirError::Io(_) => KeepReason::Unreadable,
+                    _ => KeepReason::Changed,
+                };
+                s.blocked = Some((reason, format!("{}: {e}", display(&ctx.root_path, &child))));
+                return;
+            }
         }
     }
 }
@@ -483,19 +683,26 @@ fn scan_into(ctx: &Ctx, dir: BorrowedFd<'_>, rel: &Path, depth: usize, logs: boo
 /// Why a deletion stopped.
 #[derive(Debug)]
 enum RemoveError {
-    RecentLog(String),
+    /// An entry changed within N days (rule 1 only); `log`: a `*.log`.
+    Recent {
+        path: String,
+        log: bool,
+    },
     Open(String, OpenDirError),
     Io(String, Errno),
     TooDeep(String),
+    /// The sweep was cancelled; stopped between two entries.
+    Cancelled,
 }
 
 impl std::fmt::Display for RemoveError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::RecentLog(p) => write!(f, "{p} is a recent log that appeared during deletion"),
+            Self::Recent { path, .. } => write!(f, "{path} changed within the last days, during the sweep"),
             Self::Open(p, e) => write!(f, "{p}: {e}"),
             Self::Io(p, e) => write!(f, "{p}: {e}"),
             Self::TooDeep(p) => write!(f, "{p}: deeper than {MAX_DEPTH} levels"),
+            Self::Cancelled => f.write_str("sweep cancelled"),
         }
     }
 }
@@ -504,18 +711,24 @@ impl std::fmt::Display for RemoveError {
 struct Removal {
     bytes: u64,
     entries: u64,
+    /// Change time, before we unlinked one of its names, of every inode with
+    /// more than one hard link: unlinking a name changes the inode's ctime,
+    /// which must not make its other names look recent.
+    links: HashMap<(u32, u32, u64), i128>,
 }
 
 /// Empties a directory, fd-relative and post-order. Every subdirectory is
 /// opened with the same no-symlink, no-mount-crossing rules as the scan, so a
 /// symlink or mount that appears mid-deletion stops it instead of being
-/// followed. With `protect_logs`, a recent `*.log` stops it too.
+/// followed. With `protect_recent` (rule 1), an entry that changed within N
+/// days stops it too. Cancellation is checked before every entry: each
+/// unlink is whole, so a stop leaves a consistent, partly emptied tree.
 fn remove_contents(
     ctx: &Ctx,
     dir: BorrowedFd<'_>,
     rel: &Path,
     depth: usize,
-    protect_logs: bool,
+    protect_recent: bool,
     stats: &mut Removal,
 ) -> Result<(), RemoveError> {
     if depth > MAX_DEPTH {
@@ -523,26 +736,37 @@ fn remove_contents(
     }
     let names = fsx::list(dir).map_err(|e| RemoveError::Io(display(&ctx.root_path, rel), e))?;
     for name in names {
+        if ctx.cancel.is_cancelled() {
+            return Err(RemoveError::Cancelled);
+        }
         let child = rel_path(rel, &name);
         let meta = match fsx::stat_at(dir, &name) {
             Ok(m) => m,
             Err(Errno::NOENT) => continue,
             Err(e) => return Err(RemoveError::Io(display(&ctx.root_path, &child), e)),
         };
+        let inode = (meta.dev.0, meta.dev.1, meta.ino);
+        if protect_recent {
+            let changed = stats.links.get(&inode).copied().unwrap_or(meta.changed_ns());
+            if !is_overdue(ctx, changed) {
+                let log = meta.kind == Kind::File && is_log(&name);
+                return Err(RemoveError::Recent { path: display(&ctx.root_path, &child), log });
+            }
+        }
         match meta.kind {
             Kind::Dir => {
                 let (fd, _) = fsx::open_child_dir(dir, &name, ctx.root_mount, Some(&meta))
                     .map_err(|e| RemoveError::Open(display(&ctx.root_path, &child), e))?;
-                remove_contents(ctx, fd.as_fd(), &child, depth + 1, protect_logs, stats)?;
+                remove_contents(ctx, fd.as_fd(), &child, depth + 1, protect_recent, stats)?;
                 drop(fd);
                 fsx::remove_empty_dir(dir, &name).map_err(|e| RemoveError::Io(display(&ctx.root_path, &child), e))?;
             }
             Kind::File => {
-                if protect_logs && is_log(&name) && !is_overdue(ctx, meta.mtime_ns) {
-                    return Err(RemoveError::RecentLog(display(&ctx.root_path, &child)));
-                }
                 fsx::unlink_file(dir, &name).map_err(|e| RemoveError::Io(display(&ctx.root_path, &child), e))?;
                 stats.bytes += meta.size;
+                if meta.nlink > 1 {
+                    stats.links.entry(inode).or_insert(meta.changed_ns());
+                }
             }
             // unlinkat on a symlink removes the link, never its target.
             Kind::Symlink | Kind::Other => {
@@ -557,10 +781,6 @@ fn remove_contents(
 /// Rules 3 and 2 below an instance folder that stays.
 fn walk_rules(ctx: &Ctx, out: &mut Outcome, dir: BorrowedFd<'_>, rel: &Path, depth: usize) {
     let here = display(&ctx.root_path, rel);
-    if ctx.cancel.load(Ordering::Relaxed) {
-        out.keep(here, KeepReason::Cancelled, Some("not walked: sweep cancelled".into()));
-        return;
-    }
     if depth > MAX_DEPTH {
         out.error(here, format!("deeper than {MAX_DEPTH} levels; not walked further"));
         return;
@@ -574,6 +794,10 @@ fn walk_rules(ctx: &Ctx, out: &mut Outcome, dir: BorrowedFd<'_>, rel: &Path, dep
         }
     };
     for name in names {
+        if ctx.cancel.is_cancelled() {
+            out.keep(here, KeepReason::Cancelled, Some("not walked further: sweep cancelled".into()));
+            return;
+        }
         let child = rel_path(rel, &name);
         let path = display(&ctx.root_path, &child);
         let meta = match fsx::stat_at(dir, &name) {
@@ -625,7 +849,7 @@ fn rule3(ctx: &Ctx, out: &mut Outcome, parent: BorrowedFd<'_>, name: &CStr, rel:
         return;
     };
     let s = scan(ctx, fd.as_fd(), rel, false);
-    if !s.decide(ctx, out, path, KeepReason::RecentLog) {
+    if !s.decide(ctx, out, path, false) {
         return;
     }
     // Fresh metadata from the open fd: the folder must still be overdue.
@@ -652,11 +876,8 @@ fn rule3(ctx: &Ctx, out: &mut Outcome, parent: BorrowedFd<'_>, name: &CStr, rel:
     match result {
         Ok(()) => removed(ctx, out, path, Rule::RmData, age, stats.bytes, stats.entries + 1),
         Err(e) => {
-            out.error(
-                path.to_owned(),
-                format!("partially removed ({} entries, {} bytes): {e}", stats.entries, stats.bytes),
-            );
-            out.keep(path.to_owned(), KeepReason::Changed, Some("deletion stopped; the rest is kept".into()));
+            let reason = if matches!(e, RemoveError::Cancelled) { KeepReason::Cancelled } else { KeepReason::Changed };
+            stopped(out, path, &stats, &e, reason);
         }
     }
 }

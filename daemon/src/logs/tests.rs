@@ -96,3 +96,23 @@ fn stat_and_unlink_never_touch_a_symlink_target() {
     let names = fsx::list(root.as_fd()).expect("list");
     assert_eq!(names, vec![c("target.log")]);
 }
+
+#[test]
+fn change_time_counts_even_when_the_mtime_was_set_back() {
+    // What `cp -p`, `rsync -a` or a restore leave behind: an old mtime, and
+    // a ctime that says when the copy was made (the kernel sets it on every
+    // status change, `utimensat` included, and nothing can set it back).
+    let t = tmp();
+    std::fs::write(t.path().join("restored.dat"), b"x").expect("write");
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(30 * 86_400);
+    let f = std::fs::File::options().write(true).open(t.path().join("restored.dat")).expect("open");
+    f.set_times(std::fs::FileTimes::new().set_modified(old).set_accessed(old)).expect("set times");
+    let (root, _) = fsx::open_root(t.path()).expect("root");
+    let meta = fsx::stat_at(root.as_fd(), &c("restored.dat")).expect("stat");
+    let now_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("epoch").as_nanos() as i128;
+    let day = 86_400 * 1_000_000_000_i128;
+    assert!(now_ns - meta.mtime_ns > 29 * day, "mtime set back");
+    assert!(now_ns - meta.ctime_ns < day, "ctime is the copy's");
+    assert_eq!(meta.changed_ns(), meta.ctime_ns);
+    assert_eq!(meta.nlink, 1);
+}

@@ -26,13 +26,16 @@ pub struct Fault {
     pub method: Option<String>,
     /// Only requests whose path contains this.
     pub path_contains: Option<String>,
+    /// Only requests with these query parameters (decoded, exact values):
+    /// tells apart lists of one path by their selectors or `limit`.
+    pub params: Vec<(String, String)>,
     /// How many more requests it applies to; `None`: until cleared.
     pub remaining: Option<u32>,
 }
 
 impl Fault {
     pub fn new(action: FaultAction) -> Self {
-        Self { action, method: None, path_contains: None, remaining: None }
+        Self { action, method: None, path_contains: None, params: Vec::new(), remaining: None }
     }
 
     /// Any status; 500 and 503 get their Kubernetes reasons.
@@ -80,10 +83,20 @@ impl Fault {
         self
     }
 
-    fn matches(&self, method: &str, path: &str) -> bool {
+    /// Only requests whose query has `name=value` (decoded), e.g.
+    /// `.param("labelSelector", "app=db")`; several calls must all match.
+    pub fn param(mut self, name: &str, value: &str) -> Self {
+        self.params.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    fn matches(&self, method: &str, path: &str, query: &str) -> bool {
         self.remaining != Some(0)
             && self.method.as_deref().is_none_or(|m| m == method)
             && self.path_contains.as_deref().is_none_or(|p| path.contains(p))
+            && self.params.iter().all(|(name, value)| {
+                form_urlencoded::parse(query.as_bytes()).any(|(k, v)| k == name.as_str() && v == value.as_str())
+            })
     }
 }
 
@@ -109,10 +122,11 @@ impl Faults {
         self.0.clear();
     }
 
-    /// Decides for one request, counting it against the faults that apply.
-    pub fn decide(&mut self, method: &str, path: &str) -> Verdict {
+    /// Decides for one request (`query` raw, without `?`), counting it
+    /// against the faults that apply.
+    pub fn decide(&mut self, method: &str, path: &str, query: &str) -> Verdict {
         let mut verdict = Verdict::default();
-        for f in self.0.iter_mut().filter(|f| f.matches(method, path)) {
+        for f in self.0.iter_mut().filter(|f| f.matches(method, path, query)) {
             match &f.action {
                 FaultAction::Delay(d) => verdict.delay += *d,
                 _ if verdict.action.is_some() => continue,
@@ -138,13 +152,28 @@ mod tests {
         f.inject(Fault::delay(Duration::from_millis(5)));
         f.inject(Fault::unavailable().times(1));
         let d = Duration::from_millis(5);
-        assert_eq!(f.decide("GET", "/api/v1/nodes/n1"), Verdict { delay: d, action: Some(FaultAction::Status(503)) });
-        assert_eq!(f.decide("GET", "/api/v1/nodes/n1"), Verdict { delay: d, action: None });
-        assert_eq!(f.decide("PATCH", "/api/v1/nodes/n1").action, Some(FaultAction::Status(500)));
-        assert_eq!(f.decide("PATCH", "/api/v1/configmaps").action, None);
-        assert_eq!(f.decide("PATCH", "/api/v1/nodes/n1").action, Some(FaultAction::Status(500)));
-        assert_eq!(f.decide("PATCH", "/api/v1/nodes/n1"), Verdict { delay: d, action: None });
+        assert_eq!(
+            f.decide("GET", "/api/v1/nodes/n1", ""),
+            Verdict { delay: d, action: Some(FaultAction::Status(503)) }
+        );
+        assert_eq!(f.decide("GET", "/api/v1/nodes/n1", ""), Verdict { delay: d, action: None });
+        assert_eq!(f.decide("PATCH", "/api/v1/nodes/n1", "").action, Some(FaultAction::Status(500)));
+        assert_eq!(f.decide("PATCH", "/api/v1/configmaps", "").action, None);
+        assert_eq!(f.decide("PATCH", "/api/v1/nodes/n1", "").action, Some(FaultAction::Status(500)));
+        assert_eq!(f.decide("PATCH", "/api/v1/nodes/n1", ""), Verdict { delay: d, action: None });
         f.clear();
-        assert_eq!(f.decide("PATCH", "/api/v1/nodes/n1"), Verdict::default());
+        assert_eq!(f.decide("PATCH", "/api/v1/nodes/n1", ""), Verdict::default());
+    }
+
+    #[test]
+    fn query_parameters_tell_lists_apart() {
+        let mut f = Faults::default();
+        f.inject(Fault::internal_error().param("labelSelector", "app=x").param("limit", "1"));
+        let hit = Some(FaultAction::Status(500));
+        assert_eq!(f.decide("GET", "/api/v1/pods", "labelSelector=app%3Dx&limit=1").action, hit);
+        assert_eq!(f.decide("GET", "/api/v1/pods", "limit=1&labelSelector=app%3Dx").action, hit);
+        assert_eq!(f.decide("GET", "/api/v1/pods", "labelSelector=app%3Dx&limit=10").action, None);
+        assert_eq!(f.decide("GET", "/api/v1/pods", "labelSelector=app%3Dxy&limit=1").action, None);
+        assert_eq!(f.decide("GET", "/api/v1/pods", "").action, None);
     }
 }

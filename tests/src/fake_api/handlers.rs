@@ -70,39 +70,164 @@ pub fn list_object(rt: &ResourceType, rv: u64, items: Vec<Value>) -> Value {
     })
 }
 
-/// Where a list page ends: `namespace/name` of its last item (opaque to clients).
-fn continue_token(obj: &Value) -> String {
+/// `namespace/name` of an object: the order lists are served in.
+fn list_key(obj: &Value) -> String {
     format!("{}/{}", namespace_of(obj).unwrap_or_default(), name_of(obj))
 }
 
-/// List, always at the latest resourceVersion (`resourceVersion` and
-/// `resourceVersionMatch` are ignored). `limit` pages; `continue` resumes
-/// after the last item of the previous page.
+/// Where the next page starts, and at which resourceVersion the list is
+/// read: opaque to clients (hex of a small JSON document, as the apiserver's
+/// is base64 of one).
+fn encode_continue(rv: u64, after: &str) -> String {
+    let doc = json!({"v": "meta.k8s.io/v1", "rv": rv, "start": after}).to_string();
+    doc.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_continue(token: &str) -> Result<(u64, String), ApiError> {
+    let invalid = || ApiError::bad_request(format!("invalid continue token {token:?}"));
+    if !token.len().is_multiple_of(2) || !token.is_ascii() {
+        return Err(invalid());
+    }
+    let bytes = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&token[i..i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|_| invalid())?;
+    let doc: Value = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
+    match (doc["rv"].as_u64(), doc["start"].as_str()) {
+        (Some(rv), Some(start)) => Ok((rv, start.to_owned())),
+        _ => Err(invalid()),
+    }
+}
+
+/// How a list request is to be read.
+enum ReadAt {
+    /// The latest state.
+    Latest,
+    /// The state at this resourceVersion (a snapshot).
+    Exact(u64),
+}
+
+/// The apiserver's rules for `resourceVersion`, `resourceVersionMatch` and
+/// `continue` (apimachinery's `ValidateListOptions` and the storage layer):
+/// which state a list is read at, and where it starts.
+fn read_at(store: &Store, req: &ApiRequest, limit: usize) -> Result<(ReadAt, Option<String>), ApiError> {
+    let rv = req.query.get("resourceVersion").filter(|v| !v.is_empty());
+    let rv_match = req.query.get("resourceVersionMatch").filter(|v| !v.is_empty());
+    let token = req.query.get("continue").filter(|c| !c.is_empty());
+    if let Some(token) = token {
+        if rv_match.is_some() {
+            return Err(ApiError::invalid_list_options("resourceVersionMatch is forbidden when continue is provided"));
+        }
+        if rv.is_some() {
+            return Err(ApiError::bad_request("specifying resource version is not allowed when using continue"));
+        }
+        // The rest of a paginated list is read at the first page's version.
+        let (at, after) = decode_continue(token)?;
+        if at < store.horizon() {
+            return Err(ApiError::continue_expired());
+        }
+        return Ok((ReadAt::Exact(at), Some(after)));
+    }
+    let parsed = match rv {
+        Some(v) => {
+            Some(v.parse::<u64>().map_err(|_| ApiError::bad_request(format!("invalid resource version {v:?}")))?)
+        }
+        None => None,
+    };
+    let at = match (rv_match, parsed) {
+        (Some(_), None) => {
+            return Err(ApiError::invalid_list_options(
+                "resourceVersionMatch is forbidden unless resourceVersion is provided",
+            ))
+        }
+        (Some("Exact"), Some(0)) => {
+            return Err(ApiError::invalid_list_options(
+                "resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\"",
+            ))
+        }
+        (Some("Exact"), Some(v)) => ReadAt::Exact(v),
+        // Legacy: a version with a limit is an exact read.
+        (None, Some(v)) if v > 0 && limit > 0 => ReadAt::Exact(v),
+        (Some("NotOlderThan") | None, Some(v)) if v > store.resource_version() => {
+            return Err(ApiError::too_large_resource_version(v, store.resource_version()))
+        }
+        (Some("NotOlderThan") | None, _) => ReadAt::Latest,
+        (Some(other), Some(_)) => {
+            return Err(ApiError::invalid_list_options(format!("unsupported resourceVersionMatch {other:?}")))
+        }
+    };
+    Ok((at, None))
+}
+
+/// List. Reads the latest state, or the state at a resourceVersion (exact
+/// reads, and every page after the first of a paginated list, are served as
+/// of that version, from the event history; 410 Expired once it was
+/// compacted, as etcd's compaction does). `limit` pages, and the `continue`
+/// token carries the version and where the next page starts, so every page
+/// of one list reports the first page's `resourceVersion` and objects
+/// written meanwhile show up in none of the later pages. `remainingItemCount`
+/// only without selectors, as the apiserver. `limit` is honoured at
+/// `resourceVersion=0` too (the apiserver's watch cache may ignore it and
+/// answer in one page; clients handle both). Metadata only when the Accept
+/// header asks for it.
 fn list(store: &Store, t: &Target, req: &ApiRequest) -> Result<Answer, ApiError> {
     let selection = Selection::from_request(t.rt, req)?;
-    let after = req.query.get("continue").filter(|c| !c.is_empty());
-    let mut items: Vec<Value> = store
-        .list(t.rt, t.namespace.as_deref())
-        .into_iter()
-        .filter(|o| after.is_none_or(|a| continue_token(o).as_str() > a))
-        .filter(|o| selection.matches(o))
-        .cloned()
-        .collect();
     let limit = match req.query.get("limit") {
         Some(l) => l.parse::<usize>().map_err(|_| ApiError::bad_request(format!("invalid limit {l:?}")))?,
         None => 0,
     };
+    let (at, after) = read_at(store, req, limit)?;
+    let (rv, objects) = match at {
+        ReadAt::Latest => {
+            (store.resource_version(), store.list(t.rt, t.namespace.as_deref()).into_iter().cloned().collect())
+        }
+        ReadAt::Exact(rv) => (rv, store.list_at(t.rt, t.namespace.as_deref(), rv)?),
+    };
+    let mut items: Vec<Value> = objects
+        .into_iter()
+        .filter(|o| after.as_deref().is_none_or(|a| list_key(o).as_str() > a))
+        .filter(|o| selection.matches(o))
+        .collect();
     let mut doc_more = None;
     if limit > 0 && items.len() > limit {
         let rest = items.split_off(limit);
-        doc_more = items.last().map(|last| (continue_token(last), rest.len()));
+        doc_more = items.last().map(|last| (encode_continue(rv, &list_key(last)), rest.len()));
     }
-    let mut doc = list_object(t.rt, store.resource_version(), items);
+    let mut doc = list_object(t.rt, rv, items);
     if let Some((token, remaining)) = doc_more {
         doc["metadata"]["continue"] = json!(token);
-        doc["metadata"]["remainingItemCount"] = json!(remaining);
+        let selectors =
+            ["labelSelector", "fieldSelector"].iter().any(|q| req.query.get(q).is_some_and(|v| !v.is_empty()));
+        if !selectors {
+            doc["metadata"]["remainingItemCount"] = json!(remaining);
+        }
+    }
+    if req.accept.contains("as=PartialObjectMetadataList") {
+        doc = metadata_list(doc);
     }
     Ok((200, doc))
+}
+
+/// A list as `PartialObjectMetadataList`: the same list metadata, and of
+/// each item only its `metadata`.
+fn metadata_list(mut doc: Value) -> Value {
+    const META: &str = "meta.k8s.io/v1";
+    let items: Vec<Value> = doc["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(
+                    |o| json!({"apiVersion": META, "kind": "PartialObjectMetadata", "metadata": o["metadata"].clone()}),
+                )
+                .collect()
+        })
+        .unwrap_or_default();
+    doc["kind"] = json!("PartialObjectMetadataList");
+    doc["apiVersion"] = json!(META);
+    doc["items"] = json!(items);
+    doc
 }
 
 /// The body: JSON, or YAML for the YAML media types (apply patches among them).

@@ -19,7 +19,9 @@
 //! events.k8s.io/v1 events (`discovery.rs`), with get, list, watch, create,
 //! update, patch (JSON merge, strategic merge, JSON patch, server-side apply),
 //! delete and deletecollection, the `/status` subresource, label and field
-//! selectors, resourceVersion semantics and `managedFields`.
+//! selectors, resourceVersion semantics and `managedFields`, and lists of
+//! metadata only (`Accept: application/json;as=PartialObjectMetadataList;
+//! g=meta.k8s.io;v=v1`, what kube's `list_metadata` asks for).
 //!
 //! TokenReviews and SubjectAccessReviews answer from what tests set
 //! (`reviews.rs`): which tokens are whose, what users may post.
@@ -77,6 +79,7 @@ pub struct RequestRecord {
     /// The raw query string, without `?`.
     pub query: String,
     pub content_type: Option<String>,
+    pub accept: Option<String>,
     pub user_agent: Option<String>,
     /// The status answered; 0 when the connection was dropped instead.
     pub status: u16,

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use hyper::{
     body::Incoming,
-    header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, USER_AGENT},
+    header::{HeaderValue, ACCEPT, CONTENT_TYPE, RETRY_AFTER, USER_AGENT},
     server::conn::http1,
     service::service_fn,
     Method, Request, Response, StatusCode,
@@ -95,6 +95,8 @@ pub struct ApiRequest {
     /// The media type of Content-Type, without parameters.
     pub content_type: String,
     pub user_agent: String,
+    /// The Accept header as sent (empty when absent).
+    pub accept: String,
     pub body: Bytes,
 }
 
@@ -211,6 +213,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         path: req.uri().path().to_string(),
         query: req.uri().query().unwrap_or_default().to_string(),
         content_type: header(CONTENT_TYPE),
+        accept: header(ACCEPT),
         user_agent: header(USER_AGENT),
         status: 0,
         denied: false,
@@ -222,7 +225,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         if control.down {
             Verdict { delay: Duration::ZERO, action: Some(FaultAction::DropConnection) }
         } else {
-            control.faults.decide(&record.method, &record.path)
+            control.faults.decide(&record.method, &record.path, &record.query)
         }
     };
     if !verdict.delay.is_zero() {
@@ -258,6 +261,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 query,
                 content_type: content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase(),
                 user_agent: record.user_agent.clone().unwrap_or_default(),
+                accept: record.accept.clone().unwrap_or_default(),
                 body,
             };
             let (response, checks) = answer(&shared, &record.path, &api_req);

@@ -77,6 +77,14 @@ impl ApiError {
         Self::new(422, "Invalid", message).about(rt, name)
     }
 
+    /// 422 on `ListOptions` (a combination of list parameters the apiserver
+    /// rejects before reading anything).
+    pub fn invalid_list_options(message: impl Into<String>) -> Self {
+        let mut e = Self::new(422, "Invalid", message);
+        e.details = Some(json!({ "group": "meta.k8s.io", "kind": "ListOptions" }));
+        e
+    }
+
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(403, "Forbidden", message)
     }
@@ -105,6 +113,23 @@ impl ApiError {
         Self::new(410, "Expired", format!("too old resource version: {rv} ({oldest})"))
     }
 
+    /// 410 Expired for a `continue` token whose snapshot was compacted away
+    /// (the apiserver's wording).
+    pub fn continue_expired() -> Self {
+        Self::new(
+            410,
+            "Expired",
+            "The provided continue parameter is too old to display a consistent list result. \
+             You can start a new list without the continue parameter.",
+        )
+    }
+
+    /// 504: a list or get at a resourceVersion the server has not reached
+    /// (a real one waits up to 3 s for it first).
+    pub fn too_large_resource_version(rv: u64, current: u64) -> Self {
+        Self::new(504, "Timeout", format!("Too large resource version: {rv}, current: {current}"))
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, "InternalError", message)
     }
@@ -125,6 +150,7 @@ impl ApiError {
             500 => Self::internal("injected failure"),
             503 => Self::service_unavailable(),
             429 => Self::too_many_requests(1),
+            403 => Self::forbidden("injected: forbidden"),
             _ => Self::new(code, "Unknown", format!("injected status {code}")),
         }
     }

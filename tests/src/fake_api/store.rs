@@ -50,6 +50,9 @@ pub struct WatchEvent {
     /// The object before a MODIFIED, so selector watches can tell an object
     /// that left the selection from one that never was in it.
     pub prev: Option<Value>,
+    /// The stored object before the write (MODIFIED and DELETED; `None` for
+    /// ADDED), so a list can be served as of an older resourceVersion.
+    undo: Option<Value>,
 }
 
 type Key = (&'static str, &'static str, String, String);
@@ -124,6 +127,11 @@ impl Store {
         self.rv
     }
 
+    /// Every write newer than this is still in the history.
+    pub fn horizon(&self) -> u64 {
+        self.horizon
+    }
+
     pub fn get(&self, rt: &'static ResourceType, namespace: Option<&str>, name: &str) -> Option<&Value> {
         self.objects.get(&key(rt, namespace, name))
     }
@@ -159,7 +167,19 @@ impl Store {
     }
 
     fn commit(&mut self, rt: &'static ResourceType, kind: EventType, object: Value, prev: Option<Value>) {
-        let event = Arc::new(WatchEvent { rv: self.rv, resource: rt, kind, object, prev });
+        let undo = prev.clone();
+        self.commit_with(rt, kind, object, prev, undo);
+    }
+
+    fn commit_with(
+        &mut self,
+        rt: &'static ResourceType,
+        kind: EventType,
+        object: Value,
+        prev: Option<Value>,
+        undo: Option<Value>,
+    ) {
+        let event = Arc::new(WatchEvent { rv: self.rv, resource: rt, kind, object, prev, undo });
         if self.history.len() == HISTORY {
             if let Some(old) = self.history.pop_front() {
                 self.horizon = old.rv;
@@ -223,10 +243,44 @@ impl Store {
     /// object as deleted, carrying the deletion's resourceVersion.
     pub fn delete(&mut self, rt: &'static ResourceType, namespace: Option<&str>, name: &str) -> Option<Value> {
         let mut obj = self.objects.remove(&key(rt, namespace, name))?;
+        let before = obj.clone();
         self.rv += 1;
         obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-        self.commit(rt, EventType::Deleted, obj.clone(), None);
+        self.commit_with(rt, EventType::Deleted, obj.clone(), None, Some(before));
         Some(obj)
+    }
+
+    /// Objects of one resource as they were at resourceVersion `rv` (ordered
+    /// as [`Store::list`]), rebuilt by undoing every later write, as etcd
+    /// serves a read at a past revision; 410 Expired when some of those
+    /// writes were compacted away, and 504 for a version not reached yet
+    /// (a real server waits a few seconds for it first).
+    pub fn list_at(&self, rt: &'static ResourceType, namespace: Option<&str>, rv: u64) -> Result<Vec<Value>, ApiError> {
+        if rv > self.rv {
+            return Err(ApiError::too_large_resource_version(rv, self.rv));
+        }
+        if rv < self.horizon {
+            return Err(ApiError::expired(rv, self.horizon));
+        }
+        let mut objects: BTreeMap<Key, Value> =
+            self.list(rt, namespace).into_iter().map(|o| (key(rt, namespace_of(o), name_of(o)), o.clone())).collect();
+        for e in self
+            .history
+            .iter()
+            .rev()
+            .take_while(|e| e.rv > rv)
+            .filter(|e| e.resource.group == rt.group && e.resource.plural == rt.plural)
+        {
+            let k = key(rt, namespace_of(&e.object), name_of(&e.object));
+            if rt.namespaced && namespace.is_some_and(|want| k.2 != want) {
+                continue;
+            }
+            match &e.undo {
+                Some(before) => objects.insert(k, before.clone()),
+                None => objects.remove(&k),
+            };
+        }
+        Ok(objects.into_values().collect())
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<WatchEvent>> {
