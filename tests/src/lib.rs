@@ -76,6 +76,11 @@ pub struct Daemon {
 
 pub const HTTP_PORT: u16 = 8900;
 
+/// How long a start (and the first full dump) may take. Generous because the
+/// VM matrix runs under TCG on two shared cores, where the 5.10 verifier alone
+/// takes over ten seconds; on real hardware a start takes well under one.
+pub const START_TIMEOUT: Duration = Duration::from_secs(90);
+
 impl Daemon {
     /// Starts the daemon with `args` (plus `--port 8900 --listen-address 127.0.0.1`)
     /// and waits for /healthz.
@@ -125,7 +130,7 @@ impl Daemon {
             .build()
             .into();
         let mut d = Self { child: Some(child), port, agent, log };
-        let up = wait_for(Duration::from_secs(20), || d.get("/healthz").is_ok_and(|(s, _)| s == 200));
+        let up = wait_for(START_TIMEOUT, || d.get("/healthz").is_ok_and(|(s, _)| s == 200));
         if !up {
             panic!("daemon did not answer /healthz:\n{}", d.log_text());
         }
@@ -207,7 +212,7 @@ impl Daemon {
     }
 
     pub fn wait_ready(&mut self) {
-        let ok = wait_for(Duration::from_secs(20), || self.get("/readyz").is_ok_and(|(s, _)| s == 200));
+        let ok = wait_for(START_TIMEOUT, || self.get("/readyz").is_ok_and(|(s, _)| s == 200));
         if !ok {
             panic!("daemon not ready:\n{}", self.log_text());
         }

@@ -48,6 +48,48 @@ impl Workload {
         self.held.len()
     }
 
+    /// Each socket the workload holds on `port`, described (for a failure
+    /// message: what the kernel refuses a listener for, seen from the owner).
+    pub fn held_on(&self, port: u16) -> Vec<String> {
+        use std::os::fd::AsRawFd as _;
+        self.held
+            .iter()
+            .filter(|h| h.sock.local_addr().ok().and_then(|a| a.as_socket()).is_some_and(|a| a.port() == port))
+            .map(|h| {
+                let mut state = 0u8;
+                if h.tcp {
+                    // tcp_info starts with tcpi_state.
+                    let mut info = [0u8; 232];
+                    let mut len = info.len() as libc::socklen_t;
+                    // SAFETY: a valid fd and a buffer of `len` bytes.
+                    let rc = unsafe {
+                        libc::getsockopt(
+                            h.sock.as_raw_fd(),
+                            libc::IPPROTO_TCP,
+                            libc::TCP_INFO,
+                            info.as_mut_ptr().cast(),
+                            &mut len,
+                        )
+                    };
+                    if rc == 0 {
+                        state = info[0];
+                    }
+                }
+                format!(
+                    "{} {:?} v6only={:?} reuseaddr={:?} reuseport={:?} listening={} bound={} tcp_state={state} peer={:?}",
+                    if h.tcp { "tcp" } else { "udp" },
+                    h.sock.local_addr().ok().and_then(|a| a.as_socket()),
+                    h.v6.then(|| h.sock.only_v6().ok()).flatten(),
+                    h.sock.reuse_address().ok(),
+                    h.sock.reuse_port().ok(),
+                    h.listening,
+                    h.bound,
+                    h.sock.peer_addr().ok().and_then(|a| a.as_socket()),
+                )
+            })
+            .collect()
+    }
+
     fn new_socket(&mut self, tcp: bool, v6: bool) -> Option<Socket> {
         let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
         let (ty, proto) = if tcp { (Type::STREAM, Protocol::TCP) } else { (Type::DGRAM, Protocol::UDP) };

@@ -105,7 +105,25 @@ fn this_kernel_runs_live_and_the_oracle_finds_no_false_free() {
                 a.tcp_certain,
                 a.udp_certain
             );
-            assert!(v.false_free.is_empty(), "taken ports answered free and certain (seed {seed}): {:?}", v.false_free);
+            if !v.false_free.is_empty() {
+                // Say what holds each port: the workload's own view, the
+                // kernel's dump (`ss`), and the daemon's.
+                let mut why = String::new();
+                for (proto, p) in &v.false_free {
+                    let ss = polarstack_tests::sh(&["ss", "-Htuanoe", "sport", "=", &format!(":{p}")]);
+                    why.push_str(&format!(
+                        "\n{proto} {p}:\n  held by the workload: {:#?}\n  ss: {}\n  daemon: {}",
+                        w.held_on(*p),
+                        String::from_utf8_lossy(&ss.stdout).trim(),
+                        d.get_ok(&format!("/api/v2/ports/{p}?proto={proto}")),
+                    ));
+                }
+                panic!(
+                    "taken ports answered free and certain (seed {seed}, round {round}): {:?}{why}\n{}",
+                    v.false_free,
+                    d.log_text()
+                );
+            }
             unsure_total += v.unsure_taken.len();
             false_busy_total += v.false_busy.len();
             // Each pre-start bound-only socket's port: taken, or unsure.
