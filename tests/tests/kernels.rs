@@ -4,12 +4,13 @@
 //! kernels; the normal test run covers the host's. Each test prints a
 //! `KERNEL-TABLE` row, which the VM runner collects into the README's table.
 use polarstack_tests::{
-    in_new_netns, oracle, set_ephemeral_range,
+    in_new_netns, oracle, set_ephemeral_range, wait_for,
     workload::{Band, Workload},
     Daemon,
 };
 use serde_json::Value;
 use socket2::{Domain, Protocol, Socket, Type};
+use std::time::Duration;
 
 const FIXED: std::ops::RangeInclusive<u16> = 20000..=20999;
 const EPHEMERAL: (u16, u16) = (21000, 21999);
@@ -145,6 +146,52 @@ fn this_kernel_runs_live_and_the_oracle_finds_no_false_free() {
             owners_known(&ready),
             blind_spots(&ready),
         );
+    });
+}
+
+/// Bound-only TCP sockets opened before the start (only the socket
+/// iterator finds them before 6.5) stay taken when events are lost and the
+/// map recovers: the recovery must not trust the kernel's tracking table,
+/// which knows only sockets bound since the daemon started, over the
+/// iterator's own listing.
+#[test]
+fn bound_sockets_from_before_the_start_survive_lost_events() {
+    in_new_netns(|| {
+        let mut w = Workload::new(11, Band { fixed: FIXED });
+        let pre = w.bound_only(20);
+        let mut d = Daemon::start(&[
+            "--ring-buffer-bytes",
+            "4096",
+            "--resync-interval",
+            "1h",
+            "--connected-resync-interval",
+            "1h",
+        ]);
+        d.wait_ready();
+        let never_free = |d: &Daemon, when: &str| {
+            for (_, p) in &pre {
+                let one = d.get_ok(&format!("/api/v2/ports/{p}?proto=tcp"));
+                assert!(
+                    one["taken"] == true || one["certain"] == false,
+                    "{when}: port {p}, bound before the start, answered free and certain: {one}"
+                );
+            }
+        };
+        never_free(&d, "after the first dump");
+        let mut lost = 0.0;
+        for _ in 0..10 {
+            w.close_all();
+            w.burst(1000);
+            if wait_for(Duration::from_secs(2), || d.metric("polarstack_ports_lost_events_total") > 0.0) {
+                lost = d.metric("polarstack_ports_lost_events_total");
+                break;
+            }
+        }
+        assert!(lost > 0.0, "a 1,000-listener burst never overflowed a 4 KiB ring");
+        w.close_all();
+        let recovered = wait_for(polarstack_tests::START_TIMEOUT, || d.get_ok("/readyz")["ports"]["stale"] == false);
+        assert!(recovered, "the map stayed stale");
+        never_free(&d, &format!("after {lost} lost events and the recovery"));
     });
 }
 

@@ -254,7 +254,12 @@ impl Tracker {
         // Recovering bound sockets from the kernel's own table, where dumps
         // cannot list them, when events were lost since the last recovery.
         let recovering = full && self.recover_tracked && self.stale_since.is_some_and(|t| started_ns > t);
-        let tracked = match (recovering, probes.as_ref()) {
+        // A full dump whose socket iterator listed the bound sockets has
+        // recovered them already, and the kernel's table must not overrule
+        // it: that table holds only the sockets bound since the daemon
+        // started, so it would drop the older ones the iterator just found.
+        let iterated = snap.covered.contains(Tables::BOUND) && !self.visible.contains(Tables::BOUND);
+        let tracked = match (recovering && !iterated, probes.as_ref()) {
             (true, Some(p)) => {
                 let read_ns = monotonic_ns();
                 Some((p.tracked_sockets(), read_ns))
@@ -272,6 +277,8 @@ impl Tracker {
                     "bound sockets recovered from the kernel's tracking table"
                 );
                 stats.merge(more);
+            }
+            if recovering {
                 self.recover_tracked = false;
             }
             // The first full dump seeds the map: nothing in it is a repair.
