@@ -8,6 +8,8 @@
 //! 2. bind() -> visible in the HTTP watch stream, p50/p99, daemon running.
 //! 3. The daemon's idle CPU and RSS.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "a benchmark: a failure ends it")]
+mod common;
+
 use std::{
     io::{BufRead, BufReader, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
@@ -17,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::{cpu_ticks, status_kib, ticks_per_second, wait_ready};
 use polarstack_daemon::ports::{
     map::{Scope, Tables},
     model::Proto,
@@ -238,24 +241,6 @@ fn bind_probe_ranges() {
     }
 }
 
-fn http_get(path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", 8900)).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut s, &mut out).ok()?;
-    Some(out)
-}
-
-fn wait_ready() {
-    for _ in 0..500 {
-        if http_get("/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
-            return;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    panic!("daemon not ready");
-}
-
 /// Time from a listen() returning to the matching `taken` event arriving on
 /// the watch stream.
 fn bind_to_api_latency(n: u16) -> Vec<Duration> {
@@ -293,22 +278,8 @@ fn bind_to_api_latency(n: u16) -> Vec<Duration> {
 
 /// CPU (millicores) and RSS (KiB) of `pid` over `window`.
 fn idle(pid: u32, window: Duration) -> (f64, u64) {
-    let ticks = |pid: u32| -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let after = stat.rsplit(')').next().unwrap_or("");
-        let f: Vec<&str> = after.split_whitespace().collect();
-        f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-    };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let before = ticks(pid);
+    let before = cpu_ticks(pid);
     thread::sleep(window);
-    let used = (ticks(pid) - before) as f64 / hz;
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0)))
-        .unwrap_or(0);
-    (used / window.as_secs_f64() * 1000.0, rss)
+    let used = (cpu_ticks(pid) - before) as f64 / ticks_per_second();
+    (used / window.as_secs_f64() * 1000.0, status_kib(pid, "VmRSS:"))
 }

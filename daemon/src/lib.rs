@@ -30,7 +30,7 @@ pub mod logs;
 mod network;
 pub mod ports;
 mod retry;
-mod tasks;
+pub mod tasks;
 pub mod telemetry;
 mod time;
 
@@ -89,7 +89,7 @@ pub async fn run(flags: config::Flags) -> Result<(), RunError> {
     };
     let mut sweep_args = flags.log_sweep_args();
     sweep_args.callers_checked_by_cluster = cluster.is_some();
-    let sweeps = logs::spawn(sweep_args, owners, shutdown.clone())?;
+    let sweeps = logs::spawn(sweep_args, owners, &tasks)?;
     // Sinks.
     let kube = cluster.map(|c| {
         let publishing = c.publish(&ports, network.clone(), &engines, &tasks);

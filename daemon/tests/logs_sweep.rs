@@ -720,7 +720,12 @@ mod logs {
         let mut a = args(&t.root());
         // The first sweep comes after min(30 s, interval).
         a.log_sweep_interval = Duration::from_secs(1);
-        let h = polarstack_daemon::logs::spawn(a, owners(&["1"]), shutdown.clone()).expect("spawn");
+        let h = polarstack_daemon::logs::spawn(
+            a,
+            owners(&["1"]),
+            &polarstack_daemon::tasks::Tasks::new(shutdown.clone(), None),
+        )
+        .expect("spawn");
         assert!(h.last_report().is_none());
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while h.last_report().is_none() && std::time::Instant::now() < deadline {
@@ -849,7 +854,12 @@ mod logs {
         let shutdown = tokio_util::sync::CancellationToken::new();
         let mut a = args(&t.root());
         a.log_sweep_interval = Duration::from_secs(1);
-        let h = polarstack_daemon::logs::spawn(a, owners(&["9001"]), shutdown.clone()).expect("spawn");
+        let h = polarstack_daemon::logs::spawn(
+            a,
+            owners(&["9001"]),
+            &polarstack_daemon::tasks::Tasks::new(shutdown.clone(), None),
+        )
+        .expect("spawn");
         // Wait until the removal is under way (some first-level dirs gone).
         let deadline = Instant::now() + Duration::from_secs(60);
         let left = || fs::read_dir(t.p(rm)).map(|d| d.count()).unwrap_or(0);

@@ -8,6 +8,7 @@
 //!   cargo xtask setup                   install the toolchain and mounts only
 //!   cargo xtask bench ports             port benchmarks (see daemon/examples)
 //!   cargo xtask bench logs              log sweep vs `find -delete` on a 1M-file tree
+//!   cargo xtask bench churn             CPU, RSS and events under 200/2,000/20,000 connections/s
 //!   cargo xtask bench kube              bind -> ConfigMap, link -> condition latency; API calls per hour
 //!   cargo xtask fake-apiserver [-- ARGS] the tests' fake Kubernetes API server, by hand
 //!   cargo xtask image [--binary PATH] [--tag NAME] [--no-save]
@@ -534,8 +535,9 @@ fn bench(which: &str) -> Result<()> {
     let (package, example) = match which {
         "ports" => ("polarstack-daemon", "bench_ports"),
         "logs" => ("polarstack-daemon", "bench_logs"),
+        "churn" => ("polarstack-daemon", "bench_churn"),
         "kube" => ("polarstack-tests", "bench_kube"),
-        other => bail!("unknown benchmark {other:?}; available: ports, logs, kube"),
+        other => bail!("unknown benchmark {other:?}; available: ports, logs, churn, kube"),
     };
     setup()?;
     build_ebpf()?;

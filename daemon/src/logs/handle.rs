@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::encoding::DescriptorEncoder;
-use tokio_util::sync::CancellationToken;
 
 use super::config::{LogSweepArgs, LogSweepConfigError, SweepConfig};
 use super::report::{unix_seconds, Rule, SweepReport};
@@ -184,41 +183,46 @@ impl SweepHandle {
 pub fn spawn(
     args: LogSweepArgs,
     owners: Arc<dyn LiveInstances>,
-    shutdown: CancellationToken,
+    tasks: &crate::tasks::Tasks,
 ) -> Result<SweepHandle, LogSweepConfigError> {
     let handle = SweepHandle::new(args, owners)?;
     let interval = handle.inner.cfg.interval;
-    let cancel = Arc::clone(&handle.inner.cancel);
+    let shutdown = tasks.shutdown();
     let scheduled = handle.clone();
-    tokio::spawn(async move {
-        let mut next = tokio::time::Instant::now() + FIRST_SWEEP_DELAY.min(interval);
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep_until(next) => {}
-                () = shutdown.cancelled() => {
-                    cancel.cancel();
-                    break;
-                }
-            }
-            // The sweep runs inside the select so shutdown can cancel it; the
-            // cancel flag makes its blocking workers stop at the next entry.
-            let sweep = scheduled.sweep(false);
-            tokio::pin!(sweep);
-            tokio::select! {
-                res = &mut sweep => {
-                    if let Err(e) = res {
-                        tracing::warn!(error = %e, "scheduled log sweep did not run");
+    // Restartable: a sweep that panics loses that sweep, not the schedule.
+    tasks.restartable("logs", move || {
+        let (scheduled, shutdown) = (scheduled.clone(), shutdown.clone());
+        let cancel = Arc::clone(&scheduled.inner.cancel);
+        async move {
+            let mut next = tokio::time::Instant::now() + FIRST_SWEEP_DELAY.min(interval);
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(next) => {}
+                    () = shutdown.cancelled() => {
+                        cancel.cancel();
+                        break;
                     }
                 }
-                () = shutdown.cancelled() => {
-                    cancel.cancel();
-                    let _ = sweep.await;
-                    break;
+                // The sweep runs inside the select so shutdown can cancel it;
+                // the cancel flag makes its blocking workers stop at the next entry.
+                let sweep = scheduled.sweep(false);
+                tokio::pin!(sweep);
+                tokio::select! {
+                    res = &mut sweep => {
+                        if let Err(e) = res {
+                            tracing::warn!(error = %e, "scheduled log sweep did not run");
+                        }
+                    }
+                    () = shutdown.cancelled() => {
+                        cancel.cancel();
+                        let _ = sweep.await;
+                        break;
+                    }
                 }
+                next = tokio::time::Instant::now() + interval;
             }
-            next = tokio::time::Instant::now() + interval;
+            tracing::info!("log sweeper stopped");
         }
-        tracing::info!("log sweeper stopped");
     });
     Ok(handle)
 }
