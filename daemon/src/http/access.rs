@@ -128,6 +128,15 @@ impl Access {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or(Refusal::NoToken)?;
+        // The token file is read on every call, so a rotated Secret applies
+        // at once; only the API server's answers are cached.
+        if self.token_file_matches(token) {
+            tracing::info!(caller = "token file", path = action.path(), "authorized request");
+            return Ok(Caller::TokenFile);
+        }
+        let Some((client, metrics)) = &self.reviewer else {
+            return Err(if self.token_file.is_some() { Refusal::BadToken } else { Refusal::NotConfigured });
+        };
         let key = (token.to_owned(), action);
         if let Some((d, at)) = self.cache().get(&key) {
             let ttl = if d.is_ok() { ALLOWED_FOR } else { REFUSED_FOR };
@@ -135,7 +144,7 @@ impl Access {
                 return d.clone();
             }
         }
-        let decision = self.decide(action, token).await;
+        let decision = review(client, metrics, action, token).await;
         // An API server that could not answer is not a decision about the token.
         if !matches!(decision, Err(Refusal::Unverifiable(_))) {
             let mut cache = self.cache();
@@ -151,62 +160,67 @@ impl Access {
         decision
     }
 
-    async fn decide(&self, action: Action, token: &str) -> Decision {
-        if let Some(file) = &self.token_file {
-            match std::fs::read_to_string(file) {
-                Ok(expected) if !expected.trim().is_empty() => {
-                    if constant_time_eq(token.as_bytes(), expected.trim().as_bytes()) {
-                        return Ok(Caller::TokenFile);
-                    }
-                }
-                Ok(_) => tracing::warn!(file = %file.display(), "the API token file is empty"),
-                Err(e) => tracing::warn!(file = %file.display(), error = %e, "the API token file is unreadable"),
+    fn token_file_matches(&self, token: &str) -> bool {
+        let Some(file) = &self.token_file else { return false };
+        match std::fs::read_to_string(file) {
+            Ok(expected) if !expected.trim().is_empty() => {
+                constant_time_eq(token.as_bytes(), expected.trim().as_bytes())
             }
-        }
-        let Some((client, metrics)) = &self.reviewer else {
-            return Err(if self.token_file.is_some() { Refusal::BadToken } else { Refusal::NotConfigured });
-        };
-        let reviews: Api<TokenReview> = Api::all(client.clone());
-        let review = TokenReview {
-            spec: TokenReviewSpec { token: Some(token.to_owned()), audiences: None },
-            ..TokenReview::default()
-        };
-        let reviewed = call(metrics, "create", "tokenreviews", reviews.create(&PostParams::default(), &review))
-            .await
-            .map_err(|e| Refusal::Unverifiable(format!("TokenReview: {e}")))?;
-        let status = reviewed.status.unwrap_or_default();
-        let user = status.user.filter(|_| status.authenticated == Some(true)).ok_or(Refusal::BadToken)?;
-        let username = user.username.clone().unwrap_or_default();
-        let sar = SubjectAccessReview {
-            spec: SubjectAccessReviewSpec {
-                user: user.username,
-                groups: user.groups,
-                uid: user.uid,
-                extra: user.extra,
-                non_resource_attributes: Some(NonResourceAttributes {
-                    path: Some(action.path().to_owned()),
-                    verb: Some(Action::VERB.to_owned()),
-                }),
-                resource_attributes: None,
-            },
-            ..SubjectAccessReview::default()
-        };
-        let sars: Api<SubjectAccessReview> = Api::all(client.clone());
-        let answered = call(metrics, "create", "subjectaccessreviews", sars.create(&PostParams::default(), &sar))
-            .await
-            .map_err(|e| Refusal::Unverifiable(format!("SubjectAccessReview: {e}")))?;
-        let status = answered.status.unwrap_or_default();
-        if status.allowed && status.denied != Some(true) {
-            Ok(Caller::User(username))
-        } else {
-            let reason = status.reason.filter(|r| !r.is_empty()).unwrap_or_else(|| "no RBAC rule allows it".into());
-            Err(Refusal::Denied { user: username, path: action.path(), reason })
+            Ok(_) => {
+                tracing::warn!(file = %file.display(), "the API token file is empty");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(file = %file.display(), error = %e, "the API token file is unreadable");
+                false
+            }
         }
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, DecisionCache> {
         // Entries are whole values: a poisoned lock still holds good ones.
         self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Who the token belongs to (TokenReview), then whether that user may
+/// `post` the path (SubjectAccessReview with `nonResourceAttributes`).
+async fn review(client: &kube::Client, metrics: &Arc<ApiMetrics>, action: Action, token: &str) -> Decision {
+    let reviews: Api<TokenReview> = Api::all(client.clone());
+    let review = TokenReview {
+        spec: TokenReviewSpec { token: Some(token.to_owned()), audiences: None },
+        ..TokenReview::default()
+    };
+    let reviewed = call(metrics, "create", "tokenreviews", reviews.create(&PostParams::default(), &review))
+        .await
+        .map_err(|e| Refusal::Unverifiable(format!("TokenReview: {e}")))?;
+    let status = reviewed.status.unwrap_or_default();
+    let user = status.user.filter(|_| status.authenticated == Some(true)).ok_or(Refusal::BadToken)?;
+    let username = user.username.clone().unwrap_or_default();
+    let sar = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: user.username,
+            groups: user.groups,
+            uid: user.uid,
+            extra: user.extra,
+            non_resource_attributes: Some(NonResourceAttributes {
+                path: Some(action.path().to_owned()),
+                verb: Some(Action::VERB.to_owned()),
+            }),
+            resource_attributes: None,
+        },
+        ..SubjectAccessReview::default()
+    };
+    let sars: Api<SubjectAccessReview> = Api::all(client.clone());
+    let answered = call(metrics, "create", "subjectaccessreviews", sars.create(&PostParams::default(), &sar))
+        .await
+        .map_err(|e| Refusal::Unverifiable(format!("SubjectAccessReview: {e}")))?;
+    let status = answered.status.unwrap_or_default();
+    if status.allowed && status.denied != Some(true) {
+        Ok(Caller::User(username))
+    } else {
+        let reason = status.reason.filter(|r| !r.is_empty()).unwrap_or_else(|| "no RBAC rule allows it".into());
+        Err(Refusal::Denied { user: username, path: action.path(), reason })
     }
 }
 
@@ -243,10 +257,11 @@ mod tests {
         assert_eq!(access.check(Action::Sweep, &bearer("s3cret")).await, Ok(Caller::TokenFile));
         assert_eq!(access.check(Action::Sweep, &bearer("s3cre")).await, Err(Refusal::BadToken));
         assert_eq!(access.check(Action::Sweep, &HeaderMap::new()).await, Err(Refusal::NoToken));
-        // Rotated: the old token stops working once its cached decision ends.
+        // Rotated: the new token works and the old one stops, at once, for
+        // the same call that was just allowed (nothing is cached here).
         std::fs::write(&file, "rotated").expect("token");
-        assert_eq!(access.check(Action::RescanNode, &bearer("rotated")).await, Ok(Caller::TokenFile));
-        assert_eq!(access.check(Action::RescanNode, &bearer("s3cret")).await, Err(Refusal::BadToken));
+        assert_eq!(access.check(Action::Sweep, &bearer("rotated")).await, Ok(Caller::TokenFile));
+        assert_eq!(access.check(Action::Sweep, &bearer("s3cret")).await, Err(Refusal::BadToken));
         let none = Access::new(None, None);
         assert_eq!(none.check(Action::Sweep, &bearer("anything")).await, Err(Refusal::NotConfigured));
         std::fs::remove_dir_all(&dir).ok();

@@ -186,6 +186,10 @@ pub struct PortMap {
     /// How many of them make the port taken ([`Socket::blocks`]); a port is
     /// taken exactly when it has an entry here.
     blocking: BTreeMap<PortKey, usize>,
+    /// The sockets whose release the kernel cannot report (`untracked`):
+    /// few, and asked about after every batch, so kept apart rather than
+    /// found by walking every socket (connected ones included) each time.
+    untracked: BTreeSet<u64>,
     /// The tables sock_diag can list on this kernel: a dump proves a socket
     /// gone only from these (before 6.5 it cannot list bound TCP sockets).
     visible: Tables,
@@ -200,7 +204,13 @@ impl Default for PortMap {
 impl PortMap {
     /// An empty map for a kernel whose dumps can list `visible`.
     pub fn new(visible: Tables) -> Self {
-        Self { sockets: HashMap::new(), by_port: BTreeMap::new(), blocking: BTreeMap::new(), visible }
+        Self {
+            sockets: HashMap::new(),
+            by_port: BTreeMap::new(),
+            blocking: BTreeMap::new(),
+            untracked: BTreeSet::new(),
+            visible,
+        }
     }
 
     /// Bound TCP sockets whose release the kernel cannot report (its
@@ -208,7 +218,7 @@ impl PortMap {
     /// either: they stay in the map until a dump shows them in another
     /// state, so their ports may read taken after they are free.
     pub fn unverifiable(&self) -> impl Iterator<Item = &Socket> + '_ {
-        self.sockets.values().filter(|s| self.is_unverifiable(s))
+        self.untracked.iter().filter_map(|c| self.sockets.get(c)).filter(|s| self.is_unverifiable(s))
     }
 
     /// See [`PortMap::unverifiable`].
@@ -557,10 +567,14 @@ impl PortMap {
         if s.blocks() {
             *self.blocking.entry(key).or_default() += 1;
         }
+        if s.untracked {
+            self.untracked.insert(s.cookie);
+        }
     }
 
     fn unindex(&mut self, s: &Socket) {
         let key = (s.proto, s.port);
+        self.untracked.remove(&s.cookie);
         if let Some(set) = self.by_port.get_mut(&key) {
             set.remove(&s.cookie);
             if set.is_empty() {
