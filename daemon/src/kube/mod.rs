@@ -160,17 +160,41 @@ impl ClusterView {
     }
 }
 
-/// A watched claim source's set: its claims once listed; a source the API
-/// server refuses (RBAC) before it was ever listed is given up on, with the
-/// reason, so it never holds the port-usage ConfigMap back.
-fn claim_set<K>(
-    view: &mirror::View<'_, K>,
-    claims: std::collections::BTreeMap<crate::ports::map::PortKey, Vec<crate::ports::occupancy::Claim>>,
-) -> ClaimSet {
-    match view.forbidden {
-        Some(why) if !view.synced => ClaimSet::unavailable(why.to_owned()),
-        _ => ClaimSet { synced: view.synced, unavailable: None, claims },
-    }
+/// What a claim source finds in its objects, by port.
+type Claims = std::collections::BTreeMap<crate::ports::map::PortKey, Vec<crate::ports::occupancy::Claim>>;
+
+/// Watches `api` with `config` as the restartable task `resource`, and
+/// keeps the receiver at the claims `claims_of` finds in the objects: its
+/// claims once listed; a source the API server refuses (RBAC) before it was
+/// ever listed is given up on, with the reason, so it never holds the
+/// port-usage ConfigMap back.
+fn spawn_claims<K>(
+    tasks: &Tasks,
+    resource: &'static str,
+    api: Api<K>,
+    config: kube::runtime::watcher::Config,
+    metrics: Arc<ApiMetrics>,
+    claims_of: fn(&std::collections::BTreeMap<String, K>) -> Claims,
+) -> watch::Receiver<ClaimSet>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (tx, rx) = watch::channel(ClaimSet::default());
+    mirror::spawn(tasks, resource, api, config, metrics, move || {
+        let tx = tx.clone();
+        move |view: mirror::View<'_, K>| {
+            let next = match view.forbidden {
+                Some(why) if !view.synced => ClaimSet::unavailable(why.to_owned()),
+                _ => ClaimSet { synced: view.synced, unavailable: None, claims: claims_of(view.objects) },
+            };
+            tx.send_if_modified(|cur| {
+                let changed = *cur != next;
+                *cur = next;
+                changed
+            });
+        }
+    });
+    rx
 }
 
 /// A DNS-1123 subdomain, as node, pod and namespace names are: they end up

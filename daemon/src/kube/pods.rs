@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use tokio::sync::watch;
 
-use super::{client::ApiMetrics, mirror};
+use super::client::ApiMetrics;
 use crate::{
     ports::{
         model::Proto,
@@ -70,21 +70,8 @@ pub fn spawn_host_ports(
     metrics: Arc<ApiMetrics>,
     tasks: &Tasks,
 ) -> watch::Receiver<ClaimSet> {
-    let (tx, rx) = watch::channel(ClaimSet::default());
-    let api: Api<Pod> = Api::all(client);
     let cfg = super::client::watch_config().fields(&format!("spec.nodeName={node}"));
-    mirror::spawn(tasks, "pods/this-node", api, cfg, metrics, move || {
-        let tx = tx.clone();
-        move |view| {
-            let next = super::claim_set(&view, claims_of(view.objects));
-            tx.send_if_modified(|cur| {
-                let changed = *cur != next;
-                *cur = next;
-                changed
-            });
-        }
-    });
-    rx
+    super::spawn_claims(tasks, "pods/this-node", Api::all(client), cfg, metrics, claims_of)
 }
 
 #[cfg(test)]

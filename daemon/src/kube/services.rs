@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Service;
 use kube::Api;
 use tokio::sync::watch;
 
-use super::{client::ApiMetrics, mirror};
+use super::client::ApiMetrics;
 use crate::{
     ports::{
         map::PortKey,
@@ -48,20 +48,7 @@ fn claims_of(services: &BTreeMap<String, Service>) -> BTreeMap<PortKey, Vec<Clai
 /// (`synced` once the first list is in; a later watch error keeps the set,
 /// late but not wrong, see `mirror`).
 pub fn spawn_node_ports(client: kube::Client, metrics: Arc<ApiMetrics>, tasks: &Tasks) -> watch::Receiver<ClaimSet> {
-    let (tx, rx) = watch::channel(ClaimSet::default());
-    let api: Api<Service> = Api::all(client);
-    mirror::spawn(tasks, "services", api, super::client::watch_config(), metrics, move || {
-        let tx = tx.clone();
-        move |view| {
-            let next = super::claim_set(&view, claims_of(view.objects));
-            tx.send_if_modified(|cur| {
-                let changed = *cur != next;
-                *cur = next;
-                changed
-            });
-        }
-    });
-    rx
+    super::spawn_claims(tasks, "services", Api::all(client), super::client::watch_config(), metrics, claims_of)
 }
 
 #[cfg(test)]
