@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{cpu_ticks, http_get, status_kib, ticks_per_second, wait_ready};
+use common::{cpu_ticks, daemon_bin, http_get, start_daemon, status_kib, ticks_per_second};
 
 const RATES: [u64; 3] = [200, 2_000, 20_000];
 const WINDOW: Duration = Duration::from_secs(10);
@@ -67,14 +67,8 @@ fn main() {
         run(&full);
     }
 
-    let bin = std::env::var("POLARSTACK_DAEMON_BIN").unwrap_or_else(|_| "target/release/polarstack-daemon".into());
-    let mut daemon = Command::new(&bin)
-        .args(["--port", "8900", "--listen-address", "127.0.0.1", "--log-level", "error"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start daemon");
-    wait_ready();
+    let bin = daemon_bin();
+    let mut daemon = start_daemon(&bin);
     let pid = daemon.id();
     let mode = http_get("/readyz").unwrap_or_default();
     let mode = if mode.contains("\"mode\":\"ebpf\"") { "ebpf" } else { "snapshot-only" };

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{cpu_ticks, status_kib, ticks_per_second, wait_ready};
+use common::{cpu_ticks, daemon_bin, start_daemon, status_kib, ticks_per_second};
 use polarstack_daemon::ports::{
     map::{Scope, Tables},
     model::Proto,
@@ -48,7 +48,7 @@ fn main() {
     // Listeners on ports outside the PolarDB ranges; clients from 40000 up.
     std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "40000 65000").expect("port range");
 
-    let bin = std::env::var("POLARSTACK_DAEMON_BIN").unwrap_or_else(|_| "target/release/polarstack-daemon".into());
+    let bin = daemon_bin();
     let mut daemon = start_daemon(&bin);
     let (cpu, rss) = idle(daemon.id(), Duration::from_secs(10));
     println!("== the daemon ({bin}) ==");
@@ -118,17 +118,6 @@ fn main() {
     drop(holders);
     let _ = daemon.kill();
     let _ = daemon.wait();
-}
-
-fn start_daemon(bin: &str) -> std::process::Child {
-    let child = Command::new(bin)
-        .args(["--port", "8900", "--listen-address", "127.0.0.1", "--log-level", "error"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start daemon");
-    wait_ready();
-    child
 }
 
 fn ms(d: Duration) -> f64 {

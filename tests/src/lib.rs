@@ -396,6 +396,20 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Overflows the daemon's ring buffer (start it with `--ring-buffer-bytes
+/// 4096`) with bursts of 1,000 listeners from `w`, and returns how many
+/// events it lost. Fails the test if ten bursts never overflow it.
+pub fn overflow_the_ring(d: &Daemon, w: &mut workload::Workload) -> f64 {
+    for _ in 0..10 {
+        w.close_all();
+        w.burst(1000);
+        if wait_for(Duration::from_secs(2), || d.metric("polarstack_ports_lost_events_total") > 0.0) {
+            return d.metric("polarstack_ports_lost_events_total");
+        }
+    }
+    panic!("a 1,000-listener burst never overflowed a 4 KiB ring");
+}
+
 /// Reads a whole response from a raw request: for tests of malformed requests.
 pub fn raw_http(port: u16, request: &str) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");

@@ -10,7 +10,6 @@ use polarstack_tests::{
 };
 use serde_json::Value;
 use socket2::{Domain, Protocol, Socket, Type};
-use std::time::Duration;
 
 const FIXED: std::ops::RangeInclusive<u16> = 20000..=20999;
 const EPHEMERAL: (u16, u16) = (21000, 21999);
@@ -178,16 +177,7 @@ fn bound_sockets_from_before_the_start_survive_lost_events() {
             }
         };
         never_free(&d, "after the first dump");
-        let mut lost = 0.0;
-        for _ in 0..10 {
-            w.close_all();
-            w.burst(1000);
-            if wait_for(Duration::from_secs(2), || d.metric("polarstack_ports_lost_events_total") > 0.0) {
-                lost = d.metric("polarstack_ports_lost_events_total");
-                break;
-            }
-        }
-        assert!(lost > 0.0, "a 1,000-listener burst never overflowed a 4 KiB ring");
+        let lost = polarstack_tests::overflow_the_ring(&d, &mut w);
         w.close_all();
         let recovered = wait_for(polarstack_tests::START_TIMEOUT, || d.get_ok("/readyz")["ports"]["stale"] == false);
         assert!(recovered, "the map stayed stale");

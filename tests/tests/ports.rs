@@ -154,16 +154,7 @@ fn lost_events_are_detected_and_repaired() {
         ]);
         d.wait_ready();
         let mut w = Workload::new(7, Band { fixed: FIXED });
-        let mut lost = 0.0;
-        for _ in 0..10 {
-            w.close_all();
-            w.burst(1000);
-            if wait_for(Duration::from_secs(2), || d.metric("polarstack_ports_lost_events_total") > 0.0) {
-                lost = d.metric("polarstack_ports_lost_events_total");
-                break;
-            }
-        }
-        assert!(lost > 0.0, "a 1,000-listener burst never overflowed a 4 KiB ring");
+        let lost = polarstack_tests::overflow_the_ring(&d, &mut w);
         assert!(
             wait_for(Duration::from_secs(10), || d.get_ok("/readyz")["ports"]["stale"] == false),
             "the map stayed stale"

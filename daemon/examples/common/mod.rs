@@ -1,7 +1,31 @@
 //! What the benchmarks share: talking to the daemon under test on
 //! 127.0.0.1:8900, and reading a process's CPU and memory from /proc.
 #![allow(dead_code, reason = "each benchmark uses a part of it")]
-use std::{io::Write, net::TcpStream, thread, time::Duration};
+use std::{
+    io::Write,
+    net::TcpStream,
+    process::{Child, Command, Stdio},
+    thread,
+    time::Duration,
+};
+
+/// The daemon binary to measure: POLARSTACK_DAEMON_BIN (set by `cargo xtask
+/// bench`), else the release build.
+pub fn daemon_bin() -> String {
+    std::env::var("POLARSTACK_DAEMON_BIN").unwrap_or_else(|_| "target/release/polarstack-daemon".into())
+}
+
+/// Starts the daemon on 127.0.0.1:8900, quiet, and waits until it is ready.
+pub fn start_daemon(bin: &str) -> Child {
+    let child = Command::new(bin)
+        .args(["--port", "8900", "--listen-address", "127.0.0.1", "--log-level", "error"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start daemon");
+    wait_ready();
+    child
+}
 
 /// A whole HTTP/1.1 response to `GET path`, or None when the daemon is not there.
 pub fn http_get(path: &str) -> Option<String> {
