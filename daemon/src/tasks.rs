@@ -159,7 +159,12 @@ impl Tasks {
 
     /// False once a core task has ended before shutdown.
     pub fn healthy(&self) -> bool {
-        self.table().values().all(|h| h.state != TaskState::Dead)
+        self.dead().is_empty()
+    }
+
+    /// The core tasks that ended before shutdown.
+    pub fn dead(&self) -> Vec<&'static str> {
+        self.table().iter().filter(|(_, h)| h.state == TaskState::Dead).map(|(name, _)| *name).collect()
     }
 
     /// Every task by name.

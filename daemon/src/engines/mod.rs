@@ -174,6 +174,14 @@ struct Runtime {
     ever_up: bool,
 }
 
+impl Runtime {
+    /// Not listed yet: absent, as a runtime whose socket is missing.
+    fn unlisted(rt: Box<dyn ImageRuntime>) -> Self {
+        let images = Err(RuntimeError::NoSocket(rt.socket().clone()));
+        Self { rt, images, last_list: None, ever_up: false }
+    }
+}
+
 /// Starts the owner task. `versions` is fed by the cluster side (empty when
 /// standalone). The task is restartable: a new owner lists every runtime
 /// again, continuing the published counters.
@@ -205,18 +213,8 @@ impl Owner {
         versions: watch::Receiver<Vec<EngineVersion>>,
         state: watch::Sender<EngineState>,
     ) -> Self {
-        let docker = DockerRuntime::new(cfg.docker.clone());
-        // Absent until listed, as a runtime whose socket is missing.
-        let absent = Err(RuntimeError::NoSocket(docker.socket().clone()));
-        let mut runtimes = vec![Runtime { rt: Box::new(docker), images: absent, last_list: None, ever_up: false }];
-        for s in &cfg.cri_sockets {
-            runtimes.push(Runtime {
-                rt: Box::new(CriRuntime::new(s.clone())),
-                images: Err(RuntimeError::NoSocket(s.clone())),
-                last_list: None,
-                ever_up: false,
-            });
-        }
+        let mut runtimes = vec![Runtime::unlisted(Box::new(DockerRuntime::new(cfg.docker.clone())))];
+        runtimes.extend(cfg.cri_sockets.iter().map(|s| Runtime::unlisted(Box::new(CriRuntime::new(s.clone())))));
         let (scans, requested, last_check) = {
             let st = state.borrow();
             (st.scans, st.requested_scans, st.last_check)

@@ -97,16 +97,10 @@ pub async fn serve(addr: SocketAddr, state: AppState) -> std::io::Result<()> {
 /// Alive: `{"status":"ok"}` (the original's body) while every core task
 /// runs; 503 naming the dead ones otherwise, so the kubelet restarts the pod.
 async fn healthz(State(st): State<AppState>) -> Response {
-    if st.tasks.healthy() {
+    let dead = st.tasks.dead();
+    if dead.is_empty() {
         return Json(json!({ "status": "ok" })).into_response();
     }
-    let dead: Vec<&str> = st
-        .tasks
-        .snapshot()
-        .into_iter()
-        .filter(|(_, h)| h.state == crate::tasks::TaskState::Dead)
-        .map(|(name, _)| name)
-        .collect();
     (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "failing", "dead_tasks": dead }))).into_response()
 }
 

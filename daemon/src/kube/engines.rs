@@ -88,11 +88,7 @@ pub fn spawn_versions(
                 }
             }
             let next: Vec<EngineVersion> = by_name.into_values().collect();
-            tx.send_if_modified(|cur| {
-                let changed = *cur != next;
-                *cur = next;
-                changed
-            });
+            super::set_if_changed(&tx, next);
             synced_tx.send_if_modified(|s| !std::mem::replace(s, true));
         }
     });
@@ -214,12 +210,7 @@ async fn follow_requests(
             .values()
             .next()
             .and_then(|cm| cm.metadata.annotations.as_ref()?.get(RESCAN_ANNOTATION).cloned());
-        seen_tx.send_if_modified(|cur| {
-            let next = Some(id);
-            let changed = *cur != next;
-            *cur = next;
-            changed
-        });
+        super::set_if_changed(&seen_tx, Some(id));
     });
     let follow = async move {
         // The value present at (re)start is history, not a request.

@@ -160,6 +160,16 @@ impl ClusterView {
     }
 }
 
+/// Publishes `next` on `tx` unless it equals what is there: receivers wake
+/// only for a change.
+fn set_if_changed<T: PartialEq>(tx: &watch::Sender<T>, next: T) {
+    tx.send_if_modified(|cur| {
+        let changed = *cur != next;
+        *cur = next;
+        changed
+    });
+}
+
 /// What a claim source finds in its objects, by port.
 type Claims = std::collections::BTreeMap<crate::ports::map::PortKey, Vec<crate::ports::occupancy::Claim>>;
 
@@ -187,11 +197,7 @@ where
                 Some(why) if !view.synced => ClaimSet::unavailable(why.to_owned()),
                 _ => ClaimSet { synced: view.synced, unavailable: None, claims: claims_of(view.objects) },
             };
-            tx.send_if_modified(|cur| {
-                let changed = *cur != next;
-                *cur = next;
-                changed
-            });
+            set_if_changed(&tx, next);
         }
     });
     rx

@@ -204,11 +204,7 @@ pub fn nic_config(
                     Some(pick(&s))
                 };
                 deadline = None;
-                tx.send_if_modified(|cur| {
-                    let changed = *cur != next;
-                    *cur = next;
-                    changed
-                });
+                super::set_if_changed(&tx, next);
             }
         }
     });
